@@ -1,0 +1,28 @@
+"""Errors a user can act on.
+
+``DatagenError`` carries a one-line message meant for the person at the terminal: the
+CLI prints it as ``error: <message>`` and exits non-zero, without a traceback. Anything
+else that escapes is a bug and keeps its traceback.
+"""
+
+
+class DatagenError(Exception):
+    """A problem with the user's input or environment, described in one line."""
+
+
+class ConfigError(DatagenError):
+    """The job file (or a file it points to) is invalid."""
+
+
+class OutputError(DatagenError):
+    """The output directory cannot be used or is not a datagen output."""
+
+
+class MissingExtra(DatagenError):
+    """An optional dependency is needed for what was asked."""
+
+    def __init__(self, package: str, extra: str, why: str):
+        super().__init__(
+            f"{why} needs the '{package}' package: install it with "
+            f"`pip install 'datagen[{extra}]'` (or `make install` for the CPU stack)"
+        )

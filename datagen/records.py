@@ -1,0 +1,179 @@
+"""The record contract: one row of a datagen dataset and its Arrow schema.
+
+Generation, filtering, the shard store and the trainer all speak this module's
+language. A row is a plain ``dict`` whose keys are the schema's fields (plain dicts
+keep the hot path free of per-row object construction); ``SCHEMA`` is the one
+definition of their types. Facts that later stages add go into the namespaced
+struct fields below (``provenance``, ``license``, ``verdicts``, ``timings``), never
+into new top-level columns.
+
+Versioning: ``SCHEMA_VERSION`` is written into every shard's Parquet metadata and
+into the manifest. Adding a nullable field is a minor bump; renaming or retyping a
+field is a major bump and readers refuse shards with a major version they do not
+know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+# Streams a run writes. ``accepted`` rows passed every filter; ``rejected`` rows were
+# dropped by a filter verdict (a real check on the data); ``failed`` rows never got a
+# usable answer from the teacher (infrastructure or protocol failure, retried on
+# resume -- see docs/architecture.md).
+STREAMS = ("accepted", "rejected", "failed")
+
+_message = pa.struct([("role", pa.string()), ("content", pa.string())])
+_verdict = pa.struct(
+    [
+        ("filter", pa.string()),
+        ("keep", pa.bool_()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
+        ("details", pa.string()),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("messages", pa.list_(_message), nullable=False),
+        pa.field("response", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field(
+            "teacher",
+            pa.struct(
+                [
+                    ("name", pa.string()),
+                    ("backend", pa.string()),
+                    ("model", pa.string()),
+                    ("revision", pa.string()),
+                ]
+            ),
+        ),
+        pa.field(
+            "sampling",
+            pa.struct(
+                [
+                    ("temperature", pa.float64()),
+                    ("top_p", pa.float64()),
+                    ("max_tokens", pa.int32()),
+                    ("seed", pa.int64()),
+                    ("logprobs", pa.int32()),
+                    ("stop", pa.list_(pa.string())),
+                ]
+            ),
+        ),
+        pa.field(
+            "usage",
+            pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]),
+        ),
+        # Teacher signal for KD. One entry per generated token; null when the backend
+        # gives no logprobs. top_ids[i] / top_logprobs[i] are the teacher's top-k at
+        # position i, most likely first (the sampled token may or may not be among them).
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("token_logprobs", pa.list_(pa.float32())),
+        pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+        pa.field("tokenizer_fingerprint", pa.string()),
+        pa.field(
+            "provenance",
+            pa.struct(
+                [
+                    ("job", pa.string()),
+                    ("run_fingerprint", pa.string()),
+                    ("template_id", pa.string()),
+                    ("template_version", pa.string()),
+                    ("template_hash", pa.string()),
+                    ("seed_source", pa.string()),
+                    ("seed_ids", pa.list_(pa.string())),
+                ]
+            ),
+        ),
+        pa.field("verdicts", pa.list_(_verdict)),
+        pa.field("dedupe_cluster", pa.string()),
+        pa.field(
+            "license",
+            pa.struct([("teacher", pa.string()), ("seed", pa.string()), ("template", pa.string())]),
+        ),
+        pa.field(
+            "timings",
+            pa.struct(
+                [
+                    ("generated_at", pa.timestamp("ms", tz="UTC")),
+                    ("latency_s", pa.float64()),
+                    ("attempts", pa.int32()),
+                ]
+            ),
+        ),
+        # Set only on rows of the ``failed`` stream: a short code then a message,
+        # e.g. "teacher.http_500: Internal Server Error after 4 attempts".
+        pa.field("error", pa.string()),
+    ],
+    metadata={"datagen.schema_version": SCHEMA_VERSION},
+)
+
+FIELDS = tuple(SCHEMA.names)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the input to every content hash."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def content_hash(obj: Any, *, size: int = 16) -> str:
+    """Stable hex digest of ``obj`` (blake2b over canonical JSON).
+
+    Never Python's ``hash()``: that is salted per process, so ids would change between
+    the run and its resume.
+    """
+    return hashlib.blake2b(canonical_json(obj).encode(), digest_size=size).hexdigest()
+
+
+def prompt_id(messages: list[dict[str, str]]) -> str:
+    return content_hash({"messages": messages})
+
+
+def row_id(*, messages: list[dict[str, str]], teacher: dict[str, Any], sampling: dict[str, Any],
+           sample_index: int) -> str:
+    """The row's identity: prompt + teacher identity + sampling params + sample index.
+
+    Only the teacher fields that change what it would answer take part (name, backend,
+    model); the revision is recorded but a re-resolved local path must not change ids.
+    """
+    who = {k: teacher[k] for k in ("name", "backend", "model")}
+    return content_hash(
+        {"messages": messages, "teacher": who, "sampling": sampling, "sample_index": sample_index}
+    )
+
+
+def empty_row() -> dict[str, Any]:
+    return dict.fromkeys(FIELDS)
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> a table of exactly ``SCHEMA`` (unknown keys are an error, not dropped)."""
+    for row in rows:
+        extra = row.keys() - set(FIELDS)
+        if extra:
+            raise ValueError(f"row has fields outside the record schema: {sorted(extra)}")
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def check_schema_version(version: str | None, *, where: str) -> None:
+    if version is None:
+        raise ValueError(f"{where}: no datagen schema version recorded")
+    major = version.split(".")[0]
+    if major != SCHEMA_VERSION.split(".")[0]:
+        raise ValueError(
+            f"{where}: schema version {version} is not readable by this datagen "
+            f"(reads {SCHEMA_VERSION.split('.')[0]}.x)"
+        )

@@ -1,0 +1,126 @@
+"""What a person sees: the live progress line, the end-of-run summary, ``inspect``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from datagen import records
+from datagen.runner import RunStats
+from datagen.shards import ShardStore
+
+
+class LiveProgress:
+    """A rich progress bar fed by the runner's ``on_progress`` callback."""
+
+    def __init__(self, console: Console, label: str):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=None, detail="starting teachers…")
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def __call__(self, stats: RunStats) -> None:
+        c = stats.counts
+        if stats.teachers_ready is None:
+            detail = "starting teachers…"
+        else:
+            rate = stats.generated / stats.generating_s if stats.generating_s > 0 else 0.0
+            detail = (f"accepted {c['accepted']} · rejected {c['rejected']} · failed {c['failed']}"
+                      f" · {rate:.2f} rows/s")
+        self.progress.update(self.task, total=stats.total, completed=stats.skipped + stats.generated,
+                             detail=detail)
+
+
+def summary_table(stats: RunStats, store: ShardStore) -> Table:
+    t = Table(title=f"datagen run: {store.manifest.data['job']}", show_header=True, header_style="bold")
+    t.add_column("what")
+    t.add_column("this run", justify="right")
+    t.add_column("in output", justify="right")
+    totals = store.manifest.counts()
+    t.add_row("rows generated", str(stats.generated), str(sum(totals.values())))
+    if stats.skipped:
+        t.add_row("rows already committed (skipped)", str(stats.skipped), "")
+    for stream in records.STREAMS:
+        t.add_row(stream, str(stats.counts[stream]), str(totals[stream]))
+        overall = store.manifest.reasons(stream)
+        for reason, n in sorted(overall.items(), key=lambda kv: -kv[1]):
+            t.add_row(f"  {reason}", str(stats.reasons[(stream, reason)]), str(n))
+    secs = max(stats.generating_s, 1e-9)
+    t.add_row("prompt tokens", str(stats.prompt_tokens), "")
+    t.add_row("completion tokens", str(stats.completion_tokens), "")
+    t.add_row("wall time", f"{stats.elapsed:.1f} s", "")
+    t.add_row("  teacher start-up", f"{stats.startup_s:.1f} s", "")
+    t.add_row("  generating", f"{stats.generating_s:.1f} s", "")
+    t.add_row("rows/s (generating)", f"{stats.generated / secs:.2f}", "")
+    t.add_row("completion tokens/s (generating)", f"{stats.completion_tokens / secs:.1f}", "")
+    t.add_row("shards", "", str(len(store.manifest.shards)))
+    t.add_row("output", "", str(store.root))
+    return t
+
+
+def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream: str = "accepted",
+                   as_json: bool = False) -> None:
+    m = store.manifest
+    counts = m.counts()
+    reasons = {s: dict(m.reasons(s)) for s in ("rejected", "failed")}
+    # A failed row whose id was later accepted or rejected (on resume) is recovered.
+    failed_ids = store.row_ids(("failed",))
+    unresolved = len(failed_ids - store.row_ids(("accepted", "rejected"))) if failed_ids else 0
+    licenses: dict[str, Counter] = {}
+    for s in m.shards:
+        for key, summary in s.get("license_summary", {}).items():
+            licenses.setdefault(key, Counter()).update(summary)
+    sample = []
+    for i, row in enumerate(store.iter_rows(stream, batch_rows=max(rows, 1))):
+        if i >= rows:
+            break
+        sample.append(row)
+    if as_json:
+        console.print_json(json.dumps({
+            "job": m.data["job"], "run_fingerprint": m.data["run_fingerprint"],
+            "schema_version": m.data["schema_version"], "counts": counts,
+            "failed_unresolved": unresolved, "reasons": reasons,
+            "licenses": {k: dict(v) for k, v in licenses.items()},
+            "shards": len(m.shards), "sample": sample,
+        }, default=str))
+        return
+    t = Table(title=f"{store.root}  (job {m.data['job']}, schema {m.data['schema_version']})")
+    t.add_column("stream")
+    t.add_column("rows", justify="right")
+    t.add_column("shards", justify="right")
+    t.add_column("reasons")
+    for s in records.STREAMS:
+        n_shards = sum(1 for sh in m.shards if sh["stream"] == s)
+        why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.get(s, {}).items(), key=lambda kv: -kv[1]))
+        if s == "failed" and counts[s]:
+            why += f"  ({unresolved} unresolved)"
+        t.add_row(s, str(counts[s]), str(n_shards), why)
+    console.print(t)
+    for key, c in licenses.items():
+        console.print(f"license {key}: " + ", ".join(f"{k} ({v})" for k, v in c.items()))
+    console.print(f"columns (schema {records.SCHEMA_VERSION}): " + ", ".join(records.FIELDS))
+    for row in sample:
+        user = row["messages"][-1]["content"]
+        console.rule(f"{stream} row {row['row_id'][:12]}")
+        console.print(f"[bold]prompt[/bold]   {user[:300]}")
+        console.print(f"[bold]response[/bold] {(row['response'] or '')[:300]}")
+        extra = f"teacher {row['teacher']['name']} · finish {row['finish_reason']}"
+        if row["token_logprobs"] is not None:
+            extra += f" · logprobs for {len(row['token_logprobs'])} tokens, top-{len(row['top_ids'][0]) if row['top_ids'] else 0}"
+        if row["error"]:
+            extra += f" · error {row['error']}"
+        console.print(extra, style="dim")

@@ -1,0 +1,313 @@
+"""The driver of a run: prompt stream -> teacher actors (Ray) -> filters -> shard store.
+
+Plain Ray actors, not Ray Data: see docs/architecture.md for the reasons (in short,
+incremental commits and exact-once resume need a single committer that sees every row
+as it lands; a Ray Data ``Datasink`` commits once, at the end of the whole write).
+
+Backpressure: a teacher actor never holds more than ``runtime.inflight_per_actor``
+batches, and the driver pulls the next prompt from the (lazy) stream only when a batch
+slot is free, so memory is bounded by actors x slots x batch size, whatever the job
+size. Actors are started with ``max_restarts`` / ``max_task_retries`` so Ray itself
+restarts a dead engine and re-runs its batches; a batch whose actor keeps dying stops
+the run after everything already received is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from datagen import records
+from datagen.config import Job
+from datagen.errors import DatagenError, MissingExtra, OutputError
+from datagen.filters import FilterChain
+from datagen.prompts import PromptStream, Request
+from datagen.shards import ShardStore
+
+ACTOR_MAX_RESTARTS = 3
+
+
+@dataclass
+class RunStats:
+    total: int = 0  # rows the job asks for
+    skipped: int = 0  # already committed before this run started
+    started: float = field(default_factory=time.monotonic)
+    teachers_ready: float | None = None  # when every actor answered its first call
+    counts: Counter = field(default_factory=Counter)  # stream -> rows this run
+    reasons: Counter = field(default_factory=Counter)  # (stream, reason) -> rows this run
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    interrupted: bool = False
+
+    @property
+    def generated(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def startup_s(self) -> float:
+        return (self.teachers_ready or time.monotonic()) - self.started
+
+    @property
+    def generating_s(self) -> float:
+        """Seconds since the teachers were ready: the denominator of throughput figures."""
+        return time.monotonic() - self.teachers_ready if self.teachers_ready else 0.0
+
+
+def run_fingerprint(job: Job, stream_hash: str) -> str:
+    """Same job content + same prompts -> same fingerprint (output path and runtime excluded)."""
+    body = job.model_dump(mode="json", exclude={"output": {"path"}, "runtime": True})
+    body["prompts"].pop("template")
+    return records.content_hash({"job": body, "prompts": stream_hash})
+
+
+def job_meta(job: Job, fingerprint: str, job_path: Path | None) -> dict[str, Any]:
+    # The whole job is safe to store: secrets are referenced by env-var name only.
+    return {
+        "name": job.name,
+        "run_fingerprint": fingerprint,
+        "job_file": str(job_path) if job_path else None,
+        "job": job.model_dump(mode="json"),
+    }
+
+
+def _stream_hash(stream: PromptStream) -> str:
+    t = stream.template
+    return records.content_hash(
+        {"template": t.spec.model_dump(mode="json", exclude={"seeds"}), "seeds": stream.seeds}
+    )
+
+
+def prepare(job: Job) -> tuple[PromptStream, str]:
+    """Everything that can fail on bad input, done before Ray starts or a file is written."""
+    provisional = PromptStream(job, run_fingerprint="")
+    fp = run_fingerprint(job, _stream_hash(provisional))
+    provisional.run_fingerprint = fp
+    for t in job.teachers:
+        if getattr(t, "api_key_env", None) and not os.environ.get(t.api_key_env):
+            raise DatagenError(
+                f"teacher {t.name!r}: environment variable {t.api_key_env} is not set "
+                "(it should hold the API key)"
+            )
+    return provisional, fp
+
+
+def _init_ray(job: Job) -> bool:
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtra("ray", "cpu", "datagen run") from None
+    if ray.is_initialized():
+        return False
+    address = job.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "configure_logging": True,
+                              "log_to_driver": bool(os.environ.get("DATAGEN_VERBOSE"))}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+        if job.runtime.num_cpus:
+            kwargs["num_cpus"] = job.runtime.num_cpus
+    ray.init(**kwargs)
+    return True
+
+
+class _Actors:
+    """The replicas of every teacher, with their in-flight batches."""
+
+    def __init__(self, job: Job):
+        import ray
+
+        from datagen.teachers import TeacherActor
+
+        remote = ray.remote(TeacherActor)
+        self.by_teacher: dict[str, list[Any]] = {}
+        self.load: dict[Any, int] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        for t in job.teachers:
+            opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+            if t.backend == "vllm":
+                opts.update(num_cpus=t.num_cpus, num_gpus=t.num_gpus)
+            else:
+                opts.update(num_cpus=0)  # waits on HTTP: a CPU request would starve small machines
+            actors = [remote.options(**opts).remote(t.model_dump(mode="json")) for _ in range(t.replicas)]
+            self.by_teacher[t.name] = actors
+            for a in actors:
+                self.load[a] = 0
+        for name, actors in self.by_teacher.items():
+            try:
+                infos = ray.get([a.info.remote() for a in actors])
+            except ray.exceptions.RayActorError as exc:
+                raise DatagenError(f"teacher {name!r} failed to start: {_cause(exc)}") from None
+            self.info[name] = infos[0]
+
+    def free(self, teacher: str, limit: int) -> Any | None:
+        actor = min(self.by_teacher[teacher], key=lambda a: self.load[a])
+        return actor if self.load[actor] < limit else None
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of a remote traceback: the error the user can act on."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: dict[str, Any],
+             licenses: dict[str, str | None]) -> dict[str, Any]:
+    row = records.empty_row()
+    row.update(
+        row_id=req.row_id, prompt_id=req.prompt_id, sample_index=req.sample_index,
+        messages=req.messages, response=gen["text"], finish_reason=gen["finish_reason"],
+        teacher={k: info.get(k) for k in ("name", "backend", "model", "revision")},
+        sampling={**sampling, "seed": req.seed},
+        usage={"prompt_tokens": gen["prompt_tokens"], "completion_tokens": gen["completion_tokens"]},
+        token_ids=gen["token_ids"], token_logprobs=gen["token_logprobs"],
+        top_ids=gen["top_ids"], top_logprobs=gen["top_logprobs"],
+        tokenizer_fingerprint=info.get("tokenizer_fingerprint"),
+        provenance=req.provenance,
+        license={"teacher": info.get("license"), **licenses},
+        timings={"generated_at": datetime.now(timezone.utc), "latency_s": gen["latency_s"],
+                 "attempts": gen["attempts"]},
+        error=gen["error"],
+    )
+    return row
+
+
+def _batches(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[Request]:
+    for req in stream:
+        if req.row_id in done:
+            stats.skipped += 1
+            continue
+        yield req
+
+
+def execute(job: Job, store: ShardStore, stream: PromptStream,
+            on_progress: Callable[[RunStats], None] | None = None) -> RunStats:
+    """Run the job into ``store``. Rows already committed there are skipped (resume)."""
+    import ray
+
+    stats = RunStats(total=len(stream))
+    done = store.row_ids(("accepted", "rejected"))
+    teachers = {t.name: t for t in job.teachers}
+    chain = FilterChain(job.filters, stream.template.spec.answer)
+    licenses = {"seed": stream.template.spec.seeds.license, "template": stream.template.spec.license}
+    started_ray = _init_ray(job)
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        actors = _Actors(job)
+        stats.teachers_ready = time.monotonic()
+        pending = _batches(stream, done, stats)
+        buffers: dict[str, list[Request]] = {name: [] for name in teachers}
+        ready_batches: deque[tuple[str, list[Request]]] = deque()
+        inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
+        exhausted = False
+        consecutive_failures = 0
+        limit = job.runtime.inflight_per_actor
+        if on_progress:
+            on_progress(stats)
+        while True:
+            # Fill free actor slots; pull from the stream only while a slot can take it.
+            while True:
+                if ready_batches:
+                    name, batch = ready_batches[0]
+                    actor = actors.free(name, limit)
+                    if actor is None:
+                        break
+                    ready_batches.popleft()
+                    ref = actor.generate.remote([{"row_id": r.row_id, "messages": r.messages, "seed": r.seed} for r in batch])
+                    actors.load[actor] += 1
+                    inflight[ref] = (actor, name, batch)
+                    continue
+                if exhausted:
+                    break
+                req = next(pending, None)
+                if req is None:
+                    exhausted = True
+                    ready_batches.extend((n, b) for n, b in buffers.items() if b)
+                    buffers = {n: [] for n in teachers}
+                    continue
+                buffers[req.teacher].append(req)
+                if len(buffers[req.teacher]) >= teachers[req.teacher].batch_size:
+                    ready_batches.append((req.teacher, buffers[req.teacher]))
+                    buffers[req.teacher] = []
+            if not inflight:
+                break
+            done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in done_refs:
+                actor, name, batch = inflight.pop(ref)
+                actors.load[actor] -= 1
+                try:
+                    gens = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    raise DatagenError(
+                        f"teacher {name!r} died {ACTOR_MAX_RESTARTS + 1} times on one batch "
+                        f"({_cause(exc)}); committed rows are intact, `datagen resume "
+                        f"{store.root}` continues"
+                    ) from None
+                sampling = teachers[name].sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
+                for req, gen in zip(batch, gens):
+                    row = make_row(req, gen, actors.info[name], sampling, licenses)
+                    if gen["error"]:
+                        stream_name, reason = "failed", gen["error"].split(":", 1)[0]
+                        consecutive_failures += 1
+                    else:
+                        consecutive_failures = 0
+                        verdicts = chain(row)
+                        row["verdicts"] = [v.to_dict() for v in verdicts]
+                        keep = verdicts[-1].keep if verdicts else True
+                        stream_name = "accepted" if keep else "rejected"
+                        reason = None if keep else verdicts[-1].reason
+                        stats.prompt_tokens += gen["prompt_tokens"] or 0
+                        stats.completion_tokens += gen["completion_tokens"] or 0
+                    store.add(stream_name, row)
+                    stats.counts[stream_name] += 1
+                    if reason:
+                        stats.reasons[(stream_name, reason)] += 1
+                    if consecutive_failures >= job.runtime.max_consecutive_failures:
+                        store.commit_all()
+                        raise DatagenError(
+                            f"teacher {name!r} failed {consecutive_failures} rows in a row "
+                            f"(last: {gen['error'][:200]}); committed rows are intact: fix the "
+                            f"teacher, then `datagen resume {store.root}`"
+                        )
+            store.commit_due()
+            if on_progress:
+                on_progress(stats)
+        store.commit_all()
+    except DatagenError as exc:
+        # Commit what was received before stopping, unless writing is what broke.
+        if not isinstance(exc, OutputError):
+            try:
+                store.commit_all()
+            except DatagenError:
+                pass
+        raise
+    except KeyboardInterrupt:
+        # Rows already received are complete: commit them; in-flight batches are simply
+        # not committed and get regenerated by `datagen resume`.
+        stats.interrupted = True
+        store.commit_all()
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if started_ray:
+            ray.shutdown()
+    if on_progress:
+        on_progress(stats)
+    return stats
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,373 @@
+"""The shard store: Parquet shards plus a manifest, with an atomic commit protocol.
+
+Layout of an output directory::
+
+    OUT/datagen-job.json          the resolved job (no secrets: keys are env-var *names*)
+    OUT/manifest.json             the commit log: every committed shard, nothing else
+    OUT/accepted/part-000000.parquet
+    OUT/rejected/part-000000.parquet
+    OUT/failed/part-000000.parquet
+
+Commit protocol for one shard (only the driver writes, so there is one committer):
+
+1. rows are streamed into ``<stream>/.part-NNNNNN.parquet.tmp`` in row groups;
+2. the writer is closed, the file fsynced, its sha256 computed;
+3. it is renamed to ``part-NNNNNN.parquet`` and the directory fsynced;
+4. the manifest is rewritten with the new entry (temp file, fsync, rename, fsync dir).
+
+Step 4 is the commit. A crash before it leaves a temp file or an orphan shard that no
+reader trusts (readers open only what the manifest lists) and that ``sweep()`` deletes
+on resume; the rows in it are regenerated. A crash after it loses nothing.
+
+Not covered: object stores without rename (the cluster issue adds a manifest-entry-
+per-object variant); two drivers writing one directory at once (refused by a lock
+file, but only on filesystems where ``flock`` works); silent bit-rot after the commit
+(``verify`` catches it via the sha256, the reader does not re-hash on every open).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datagen import records
+from datagen.errors import OutputError
+
+MANIFEST = "manifest.json"
+JOB_FILE = "datagen-job.json"
+LOCK_FILE = ".datagen.lock"
+FORMAT = "datagen-shards"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _disk_error(exc: OSError, what: str) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(
+            f"disk full while {what}; every committed shard is intact: free space, then "
+            "`datagen resume` to finish the job"
+        )
+    return OutputError(f"cannot write output while {what}: {exc}")
+
+
+class Manifest:
+    """The list of committed shards. Readers trust it, not the directory listing."""
+
+    def __init__(self, root: Path, data: dict[str, Any]):
+        self.root = root
+        self.data = data
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.data["shards"]
+
+    @classmethod
+    def load(cls, root: Path) -> Manifest:
+        path = root / MANIFEST
+        if not root.exists():
+            raise OutputError(f"output directory not found: {root}")
+        if not root.is_dir():
+            raise OutputError(f"not a directory: {root}")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OutputError(f"{root} is not a datagen output (no {MANIFEST})") from None
+        except json.JSONDecodeError as exc:
+            raise OutputError(f"{path} is corrupt ({exc.msg}); it is only ever replaced atomically, "
+                              "so something outside datagen wrote to it") from None
+        if data.get("format") != FORMAT:
+            raise OutputError(f"{path} is not a datagen manifest")
+        records.check_schema_version(data.get("schema_version"), where=str(path))
+        return cls(root, data)
+
+    def save(self) -> None:
+        atomic_write_text(self.root / MANIFEST, json.dumps(self.data, indent=1, sort_keys=True))
+
+    def next_seq(self, stream: str) -> int:
+        seqs = [s["seq"] for s in self.shards if s["stream"] == stream]
+        return max(seqs) + 1 if seqs else 0
+
+    def counts(self) -> dict[str, int]:
+        c = Counter()
+        for s in self.shards:
+            c[s["stream"]] += s["rows"]
+        return {stream: c.get(stream, 0) for stream in records.STREAMS}
+
+    def reasons(self, stream: str) -> Counter:
+        c: Counter = Counter()
+        for s in self.shards:
+            if s["stream"] == stream:
+                c.update(s.get("reasons", {}))
+        return c
+
+    def files(self, stream: str) -> list[Path]:
+        return [self.root / s["file"] for s in self.shards if s["stream"] == stream]
+
+
+def _license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
+    for row in rows:
+        for key, value in (row.get("license") or {}).items():
+            out[key][value or "unknown"] += 1
+    return {k: dict(v) for k, v in out.items()}
+
+
+def _reason(row: dict[str, Any], stream: str) -> str | None:
+    if stream == "failed":
+        return (row.get("error") or "error.unknown").split(":", 1)[0]
+    if stream == "rejected":
+        dropped = [v for v in row.get("verdicts") or [] if not v["keep"]]
+        return dropped[0]["reason"] if dropped else "rejected.unknown"
+    return None
+
+
+class StreamWriter:
+    """Streams rows of one stream into shards, committing each through the manifest."""
+
+    def __init__(self, store: ShardStore, stream: str):
+        self.store = store
+        self.stream = stream
+        self.dir = store.root / stream
+        self._pending: list[dict[str, Any]] = []  # rows not yet in a row group
+        self._shard_rows: list[dict[str, Any]] = []  # summaries of rows in the open shard
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._opened_at = time.monotonic()
+
+    @property
+    def open_rows(self) -> int:
+        return len(self._pending) + len(self._shard_rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self._shard_rows:
+            self._opened_at = time.monotonic()  # the commit timer runs from a shard's first row
+        self._pending.append(row)
+        self._shard_rows.append({"row_id": row["row_id"], "license": row.get("license"),
+                                 "reason": _reason(row, self.stream)})
+        cfg = self.store.output
+        if len(self._pending) >= cfg.row_group_rows:
+            self._flush_row_group()
+        if len(self._shard_rows) >= cfg.shard_rows or self._bytes() >= cfg.shard_bytes:
+            self.commit()
+
+    def due(self) -> bool:
+        return self.open_rows > 0 and time.monotonic() - self._opened_at >= self.store.output.commit_every_s
+
+    def _bytes(self) -> int:
+        return self._tmp.stat().st_size if self._tmp is not None and self._tmp.exists() else 0
+
+    def _flush_row_group(self) -> None:
+        if not self._pending:
+            return
+        table = records.to_table(self._pending)
+        try:
+            if self._writer is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                seq = self.store.manifest.next_seq(self.stream)
+                self._tmp = self.dir / f".part-{seq:06d}.parquet.tmp"
+                self._writer = pq.ParquetWriter(
+                    self._tmp, records.SCHEMA, compression=self.store.output.compression,
+                )
+            self._writer.write_table(table, row_group_size=len(self._pending))
+        except OSError as exc:
+            raise _disk_error(exc, f"writing {self._tmp}") from None
+        self._pending = []
+
+    def commit(self) -> dict[str, Any] | None:
+        """Seal the open shard and record it in the manifest. No-op when empty."""
+        if not self._shard_rows:
+            return None
+        self._flush_row_group()
+        assert self._writer is not None and self._tmp is not None
+        seq = self.store.manifest.next_seq(self.stream)
+        final = self.dir / f"part-{seq:06d}.parquet"
+        try:
+            self._writer.close()
+            with open(self._tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = _sha256(self._tmp)
+            size = self._tmp.stat().st_size
+            os.replace(self._tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise _disk_error(exc, f"committing {final}") from None
+        reasons = Counter(r["reason"] for r in self._shard_rows if r["reason"])
+        entry = {
+            "stream": self.stream,
+            "seq": seq,
+            "file": str(final.relative_to(self.store.root)),
+            "rows": len(self._shard_rows),
+            "bytes": size,
+            "sha256": digest,
+            "schema_version": records.SCHEMA_VERSION,
+            "license_summary": _license_summary(self._shard_rows),
+            "reasons": dict(reasons),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.store.manifest.shards.append(entry)
+        try:
+            self.store.manifest.save()  # <- the commit point
+        except OSError as exc:
+            self.store.manifest.shards.pop()
+            raise _disk_error(exc, "writing the manifest") from None
+        self._writer, self._tmp, self._shard_rows = None, None, []
+        self._opened_at = time.monotonic()
+        return entry
+
+    def abandon(self) -> None:
+        """Drop the open shard without committing (its rows will be regenerated)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._writer, self._tmp, self._pending, self._shard_rows = None, None, [], []
+
+
+class ShardStore:
+    """One output directory. ``create`` for a new run, ``open`` to resume or read."""
+
+    def __init__(self, root: Path, manifest: Manifest, output: Any):
+        self.root = root
+        self.manifest = manifest
+        self.output = output
+        self._lock_fd: int | None = None
+        self.writers = {s: StreamWriter(self, s) for s in records.STREAMS}
+
+    # -- lifecycle -----------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
+        if root.exists() and not root.is_dir():
+            raise OutputError(f"output path exists and is a file, not a directory: {root}")
+        if (root / MANIFEST).exists():
+            raise OutputError(
+                f"{root} already holds a datagen run; `datagen resume {root}` continues it, "
+                "or choose another --output"
+            )
+        if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
+            raise OutputError(f"output directory is not empty: {root}; choose an empty or new one")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            manifest = Manifest(root, {
+                "format": FORMAT, "schema_version": records.SCHEMA_VERSION,
+                "job": job_meta["name"], "run_fingerprint": job_meta["run_fingerprint"],
+                "shards": [],
+            })
+            atomic_write_text(root / JOB_FILE, json.dumps(job_meta, indent=1, sort_keys=True))
+            store = cls(root, manifest, output)
+            store._lock()
+            manifest.save()
+        except OSError as exc:
+            raise _disk_error(exc, f"creating {root}") from None
+        return store
+
+    @classmethod
+    def open(cls, root: Path, output: Any = None, *, for_writing: bool = False) -> ShardStore:
+        manifest = Manifest.load(root)
+        store = cls(root, manifest, output)
+        if for_writing:
+            store._lock()
+            store.sweep()
+        return store
+
+    def _lock(self) -> None:
+        fd = os.open(self.root / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another datagen process is writing {self.root}") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def sweep(self) -> list[Path]:
+        """Delete temp files and shards the manifest does not list (uncommitted work)."""
+        committed = {self.root / s["file"] for s in self.manifest.shards}
+        removed = []
+        for stream in records.STREAMS:
+            d = self.root / stream
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                if p not in committed and (p.name.endswith(".tmp") or p.suffix == ".parquet"):
+                    p.unlink()
+                    removed.append(p)
+        return removed
+
+    # -- writing -------------------------------------------------------------------
+    def add(self, stream: str, row: dict[str, Any]) -> None:
+        self.writers[stream].add(row)
+
+    def commit_due(self) -> None:
+        for w in self.writers.values():
+            if w.due():
+                w.commit()
+
+    def commit_all(self) -> None:
+        for w in self.writers.values():
+            w.commit()
+
+    # -- reading -------------------------------------------------------------------
+    def job_meta(self) -> dict[str, Any]:
+        return json.loads((self.root / JOB_FILE).read_text())
+
+    def row_ids(self, streams: Iterable[str] = ("accepted", "rejected")) -> set[str]:
+        ids: set[str] = set()
+        for stream in streams:
+            for path in self.manifest.files(stream):
+                ids.update(pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist())
+        return ids
+
+    def read(self, stream: str = "accepted", columns: list[str] | None = None) -> pa.Table:
+        files = self.manifest.files(stream)
+        if not files:
+            return records.SCHEMA.empty_table() if columns is None else \
+                records.SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(pq.read_table(p, columns=columns) for p in files)
+
+    def iter_rows(self, stream: str = "accepted", batch_rows: int = 1024) -> Iterator[dict[str, Any]]:
+        """Stream rows shard by shard, row group by row group: memory flat in dataset size."""
+        for path in self.manifest.files(stream):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+                yield from batch.to_pylist()

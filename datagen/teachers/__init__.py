@@ -1,0 +1,52 @@
+"""Teacher backends and the Ray actor that hosts one.
+
+``TEACHERS`` is the registry: backend name (the job file's ``backend:``) -> the class
+built inside the actor from the teacher's config. Backends import their heavy
+dependencies when constructed, never at module import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datagen.config import OpenAITeacher, VLLMTeacher
+
+
+def _vllm(cfg: VLLMTeacher):
+    from datagen.teachers.vllm_engine import VLLMEngineTeacher
+
+    return VLLMEngineTeacher(cfg)
+
+
+def _openai(cfg: OpenAITeacher):
+    from datagen.teachers.openai_api import OpenAICompatibleTeacher
+
+    return OpenAICompatibleTeacher(cfg)
+
+
+TEACHERS = {"vllm": _vllm, "openai": _openai}
+
+
+def build(cfg: VLLMTeacher | OpenAITeacher):
+    return TEACHERS[cfg.backend](cfg)
+
+
+class TeacherActor:
+    """Hosts one teacher backend; run as an async Ray actor (see ``runner``).
+
+    Takes the teacher config as a plain dict so the actor's constructor arguments are
+    data, and rebuilds the pydantic model on its side.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        from pydantic import TypeAdapter
+
+        from datagen.config import Teacher
+
+        self.teacher = build(TypeAdapter(Teacher).validate_python(cfg))
+
+    def info(self) -> dict[str, Any]:
+        return self.teacher.info()
+
+    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [g.to_dict() for g in await self.teacher.generate(requests)]
