@@ -22,11 +22,12 @@ EXIT_INTERRUPTED = 130
 
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     from datagen import runner
-    from datagen.report import LiveProgress, summary_table
+    from datagen.report import LiveProgress, summary_table, where_line
     from datagen.shards import ShardStore
 
     out = Console()
-    err = Console(stderr=True, quiet=quiet)
+    err = Console(stderr=True, quiet=quiet)  # progress: silenced by --quiet
+    warn = Console(stderr=True)  # what the user must act on: never silenced
     stream, fingerprint = runner.prepare(job)
     root = job.output.path
     if resume:
@@ -45,13 +46,14 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         store.close()
     if not quiet:
         out.print(summary_table(stats, store))
+        out.print(where_line(store), soft_wrap=True, highlight=False)
     if stats.interrupted:
-        err.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
-                  style="yellow")
+        warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
+                   style="yellow", soft_wrap=True)
         return EXIT_INTERRUPTED
     unresolved = len(store.row_ids(("failed",)) - store.row_ids(("accepted", "rejected")))
     if unresolved:
-        err.print(f"{unresolved} rows failed at the teacher (reasons above); "
+        warn.print(f"{unresolved} rows failed at the teacher (reasons above); "
                   f"`datagen resume {root}` retries them", style="yellow")
         return EXIT_FAILED_ROWS
     return 0

@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datagen.errors import ConfigError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Upper case only: conventional for env vars, and it refuses most pasted keys
+# (sk-…, sk_live_…, ghp_…), which would otherwise be echoed by "X is not set".
+_ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 class Strict(BaseModel):
@@ -94,7 +96,10 @@ class OpenAITeacher(_TeacherBase):
         if v is not None and not _ENV.match(v):
             # Do not echo the value: a user who pasted the key itself here must not see
             # it printed back into a terminal log.
-            raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
+            raise ValueError(
+                "must be the NAME of an environment variable in upper case (e.g. OPENAI_API_KEY), "
+                "not the key itself"
+            )
         return v
 
 
@@ -168,8 +173,17 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _redact(value: Any) -> Any:
+    """Hide api_key_env values inside echoed input: a user may have pasted the key there."""
+    if isinstance(value, dict):
+        return {k: "***" if k == "api_key_env" else _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = repr(_redact(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 

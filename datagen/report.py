@@ -68,8 +68,12 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
     t.add_row("rows/s (generating)", f"{stats.generated / secs:.2f}", "")
     t.add_row("completion tokens/s (generating)", f"{stats.completion_tokens / secs:.1f}", "")
     t.add_row("shards", "", str(len(store.manifest.shards)))
-    t.add_row("output", "", str(store.root))
     return t
+
+
+def where_line(store: ShardStore) -> str:
+    """Printed under the summary, unwrapped, so the path can be copied whole."""
+    return f"shards: {store.root}  (look inside: datagen inspect {store.root})"
 
 
 def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream: str = "accepted",

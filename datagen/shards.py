@@ -77,10 +77,10 @@ def _sha256(path: Path) -> str:
 
 
 def _disk_error(exc: OSError, what: str) -> OutputError:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc):
         return OutputError(
-            f"disk full while {what}; every committed shard is intact: free space, then "
-            "`datagen resume` to finish the job"
+            f"out of disk space ({os.strerror(exc.errno or errno.ENOSPC)}) while {what}; every "
+            "committed shard is intact: free space, then `datagen resume` finishes the job"
         )
     return OutputError(f"cannot write output while {what}: {exc}")
 

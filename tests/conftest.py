@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def extract_answer(messages):
     """A fake teacher that does the support-extract task right, except for messages
-    mentioning a "yoga mat", where it answers prose (so the format filter has work)."""
+    mentioning a "office chair", where it answers prose (so the format filter has work)."""
     import re
 
     text = messages[-1]["content"]
-    if "yoga mat" in text:
+    if "office chair" in text:
         return "I am sorry to hear that! Please contact the store."
     order = re.search(r"\d{5}", text)
     return json.dumps({"order_id": order.group(0) if order else "", "product": "thing"})

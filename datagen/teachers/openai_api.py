@@ -17,6 +17,7 @@ and lives only in the client object; it is never logged, stored or put in an err
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -42,7 +43,8 @@ def _status(exc: BaseException) -> int | None:
 def _retryable(exc: BaseException) -> bool:
     import openai
 
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse)):
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse,
+                        json.JSONDecodeError)):
         return True
     if isinstance(exc, openai.APIResponseValidationError):
         return True
@@ -82,7 +84,7 @@ def _error_code(exc: BaseException) -> str:
         return "teacher.timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "teacher.connection"
-    if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError)):
+    if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError, json.JSONDecodeError)):
         return "teacher.malformed_response"
     status = _status(exc)
     if status is not None:

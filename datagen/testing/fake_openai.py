@@ -13,7 +13,7 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 
 ``latency``     answer normally after ``seconds``
 ``429``         429 with a ``Retry-After`` header
-``500``/``503`` an error status with a JSON error body
+``400``/``500``/``503`` that error status with a JSON error body
 ``hang``        sleep ``seconds`` (longer than the client's time-out), then drop the socket
 ``malformed``   200 with a body that is not JSON
 ``truncated``   200 whose body stops short of its Content-Length
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULT_KINDS = ("latency", "429", "500", "503", "hang", "malformed", "truncated", "garbage")
+FAULT_KINDS = ("latency", "400", "429", "500", "503", "hang", "malformed", "truncated", "garbage")
 VOCAB = 49152
 
 
@@ -170,7 +170,7 @@ class FakeOpenAIServer:
             h._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                     {"retry-after": str(fault.retry_after)})
             return
-        elif kind in ("500", "503"):
+        elif kind in ("400", "500", "503"):
             h._json(int(kind), {"error": {"message": f"injected {kind}", "type": "server_error"}})
             return
         elif kind == "hang":

@@ -1,0 +1,134 @@
+"""The OpenAI-compatible teacher against a real HTTP server on 127.0.0.1 (the fake
+server), through the official openai client: every fault is survived or becomes a
+failed row with a reason, and the API key never shows up anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from datagen.config import OpenAITeacher
+from datagen.teachers.openai_api import OpenAICompatibleTeacher
+from datagen.testing.fake_openai import FakeOpenAIServer
+
+
+def teacher(server: FakeOpenAIServer, **kw) -> OpenAICompatibleTeacher:
+    cfg = {"name": "t", "backend": "openai", "model": "fake", "base_url": server.base_url,
+           "timeout_s": 1.0, "max_attempts": 4, "max_concurrency": 4,
+           "sampling": {"temperature": 0, "max_tokens": 32}}
+    cfg.update(kw)
+    return OpenAICompatibleTeacher(OpenAITeacher.model_validate(cfg))
+
+
+def ask(t: OpenAICompatibleTeacher, *texts: str):
+    reqs = [{"row_id": f"r{i}", "messages": [{"role": "user", "content": x}], "seed": i}
+            for i, x in enumerate(texts)]
+    return asyncio.run(t.generate(reqs))
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as s:
+        yield s
+
+
+def test_plain_answer_with_usage(server):
+    [g] = ask(teacher(server), "hello there")
+    assert g.error is None
+    assert g.text == "echo: hello there"
+    assert g.finish_reason == "stop"
+    assert g.completion_tokens == 3 and g.prompt_tokens == 2
+    assert g.token_ids is None  # logprobs not asked for
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "503", "malformed", "truncated", "garbage"])
+def test_transient_faults_are_retried(server, kind):
+    server.inject(kind, times=2, retry_after=0.05)
+    [g] = ask(teacher(server), "hi")
+    assert g.error is None, g.error
+    assert g.text == "echo: hi"
+    assert g.attempts == 3
+    assert server.served[kind] == 2 and server.served["ok"] == 1
+
+
+def test_hang_is_cut_by_timeout_then_retried(server):
+    server.inject("hang", times=1, seconds=3)
+    [g] = ask(teacher(server, timeout_s=0.5), "hi")
+    assert g.error is None
+    assert g.attempts == 2
+
+
+def test_retry_after_is_honoured(server):
+    server.inject("429", times=1, retry_after=0.6)
+    [g] = ask(teacher(server), "hi")
+    assert g.error is None
+    assert g.latency_s >= 0.6
+
+
+@pytest.mark.parametrize("kind,code", [("500", "teacher.http_500"), ("malformed", "teacher.malformed_response"),
+                                       ("garbage", "teacher.malformed_response"),
+                                       ("truncated", "teacher.")])
+def test_persistent_fault_becomes_failed_row_with_reason(server, kind, code):
+    server.inject(kind, times=None)
+    [g] = ask(teacher(server, max_attempts=3), "hi")
+    assert g.text is None
+    assert g.error.startswith(code), g.error
+    assert "after 3 attempts" in g.error
+    assert server.requests == 3
+
+
+def test_client_error_is_not_retried(server):
+    # A 4xx that is not 408/409/429 will not get better by asking again.
+    server.inject("400", times=None)
+    [g] = ask(teacher(server), "hi")
+    assert g.error.startswith("teacher.http_400")
+    assert g.attempts == 1 and server.requests == 1
+
+
+def test_one_bad_row_does_not_sink_its_batch(server):
+    server.inject("500", times=None, match="poison")
+    gens = ask(teacher(server, max_attempts=2), "fine 1", "poison", "fine 2")
+    assert [g.error is None for g in gens] == [True, False, True]
+    assert [g.row_id for g in gens] == ["r0", "r1", "r2"]
+
+
+def test_concurrency_is_bounded(server):
+    server.inject("latency", times=None, seconds=0.1)
+    gens = ask(teacher(server, max_concurrency=3), *[f"m{i}" for i in range(12)])
+    assert all(g.error is None for g in gens)
+    assert server.max_concurrent <= 3
+
+
+def test_logprobs_with_token_ids(server):
+    t = teacher(server, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 5})
+    [g] = ask(t, "one two three")
+    assert len(g.token_ids) == len(g.token_logprobs) == len(g.top_ids) == g.completion_tokens == 4
+    assert all(len(ids) == 5 for ids in g.top_ids)
+    assert all(lp[0] >= lp[-1] for lp in g.top_logprobs)
+
+
+def test_max_tokens_truncation_reported(server):
+    [g] = ask(teacher(server, sampling={"temperature": 0, "max_tokens": 2}), "a b c d e")
+    assert g.finish_reason == "length" and g.completion_tokens == 2
+
+
+def test_api_key_never_leaks(server, monkeypatch, capsys):
+    secret = "sk-test-DO-NOT-LEAK-1234567890"
+    monkeypatch.setenv("FAKE_KEY", secret)
+    server.inject("500", times=None)
+    t = teacher(server, api_key_env="FAKE_KEY", max_attempts=2)
+    [g] = ask(t, "hi")
+    blob = json.dumps(g.to_dict()) + repr(t) + repr(t.cfg) + json.dumps(t.info()) + t.cfg.model_dump_json()
+    out = capsys.readouterr()
+    assert secret not in blob + out.out + out.err
+    assert g.error.startswith("teacher.http_500")
+
+
+def test_missing_key_env_is_a_clear_error(server, monkeypatch):
+    from datagen.errors import ConfigError
+
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR is not set"):
+        teacher(server, api_key_env="NO_SUCH_KEY_VAR")
