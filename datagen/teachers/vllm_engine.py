@@ -43,6 +43,8 @@ class VLLMEngineTeacher:
             raise MissingExtra("vllm", "cpu" if on_cpu else "gpu", f"teacher {cfg.name!r} (backend vllm)") from None
 
         if embedded.is_embedded(cfg.model):
+            # Everything is local: never wait on a hub that a closed network cannot reach.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             path = str(embedded.materialize(cfg.model))
             self.revision = cfg.revision or embedded.revision(cfg.model)
             self.license = cfg.license or embedded.lookup(cfg.model).license
@@ -77,6 +79,12 @@ class VLLMEngineTeacher:
             "tokenizer_fingerprint": self.fingerprint,
         }
 
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        # transformers 5 may still hand back a BatchEncoding: count its ids, not its keys.
+        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
     def _params(self, seed: int):
         from vllm import SamplingParams
 
@@ -92,7 +100,7 @@ class VLLMEngineTeacher:
         results: dict[str, Generation] = {}
         ok = []
         for r in requests:
-            n = len(self.tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True))
+            n = self._prompt_tokens(r["messages"])
             if n >= self.max_model_len:
                 results[r["row_id"]] = Generation(
                     row_id=r["row_id"], prompt_tokens=n,
