@@ -102,7 +102,7 @@ def bench_pipeline(rows: int) -> None:
             "name": "bench", "prompts": {"template": "t.yaml"},
             "teachers": [{"name": "fake", "backend": "openai", "model": "fake", "base_url": server.base_url,
                           "batch_size": 64, "max_concurrency": 32, "replicas": 2,
-                          "sampling": {"max_tokens": 64, "logprobs": 5}}],
+                          "license": "Apache-2.0", "sampling": {"max_tokens": 64, "logprobs": 5}}],
             "output": {"path": "out"}}))
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "datagen", "run", str(d / "job.yaml")], cwd=REPO,

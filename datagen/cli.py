@@ -1,4 +1,4 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect.
+"""``datagen`` command line: run, resume, validate, schema, inspect, export, verify, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,11 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from datagen.config import parse_job
-    from datagen.shards import JOB_FILE, Manifest
+    from datagen.shards import JOB_FILE, ShardStore
 
     root = Path(args.output_dir).resolve()
-    Manifest.load(root)  # a clear error if this is not a datagen output
-    meta = json.loads((root / JOB_FILE).read_text())
+    meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
     job_path = Path(meta["job_file"]) if meta.get("job_file") else None
     job = parse_job(meta["job"], where=str(root / JOB_FILE), base_dir=root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
@@ -108,6 +108,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from datagen.export import export
+
+    res = export(Path(args.output_dir).resolve(), Path(args.to).resolve(), license_class=args.license_class,
+                 allow=args.allow, allow_incompatible=args.allow_incompatible)
+    left = ", ".join(f"{why}: {n}" for why, n in sorted(res.dropped.items())) or "none"
+    print(f"exported {res.rows} rows to {res.dest} (licenses: {', '.join(sorted(res.licenses)) or 'none'}; "
+          f"left out: {left})")
+    if res.conflicts:
+        print("override written into the card: " + "; ".join(res.conflicts), file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datagen.verify import verify
+
+    root = Path(args.output_dir).resolve()
+    rep = verify(root)
+    for note in rep.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for problem in rep.problems:
+        print(f"error: {root}/{problem}", file=sys.stderr)
+    if rep.problems:
+        return 1
+    print(f"ok: {root}: {rep.shards} shards, {rep.rows} rows match the manifest")
+    return 0
+
+
+def cmd_licenses(args: argparse.Namespace) -> int:
+    from datagen.licenses import Registry
+
+    reg = Registry()
+    for lid, t in sorted(reg.terms.items(), key=lambda kv: (kv[1].rank, kv[0])):
+        print(f"{lid:<36} {t.license_class:<12} outputs may train other models: {t.outputs_train_other_models:<12} {t.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="datagen", description="Build distillation datasets from teacher models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", choices=["accepted", "rejected", "failed"], default="accepted")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("export", help="write the accepted rows whose terms allow it as a new dataset")
+    r.add_argument("output_dir")
+    r.add_argument("--to", required=True, help="destination directory (must not exist)")
+    sel = r.add_mutually_exclusive_group()
+    sel.add_argument("--license-class", choices=["permissive", "conditional", "restricted"],
+                     help="the strictest class to include (default: permissive)")
+    sel.add_argument("--allow", nargs="+", metavar="ID", help="include only rows whose every license is listed")
+    r.add_argument("--allow-incompatible", metavar="REASON",
+                   help="export even when the selected terms conflict; REASON goes into the card")
+    r.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")
+    r.add_argument("output_dir")
+    r.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("licenses", help="list the license registry")
+    r.set_defaults(func=cmd_licenses)
     return p
 
 
@@ -151,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `datagen licenses | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datagen.errors import ConfigError
+from datagen.licenses import Terms
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Upper case only: conventional for env vars, and it refuses most pasted keys
@@ -82,13 +83,25 @@ class VLLMTeacher(_TeacherBase):
 
 class OpenAITeacher(_TeacherBase):
     backend: Literal["openai"]
-    base_url: str = Field(pattern=r"^https?://")
+    base_url: str = Field(description="http(s)://host[:port][/path]; no credentials or query string in it")
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the key (never the key)"
     )
     max_concurrency: int = Field(8, ge=1, le=4096, description="requests in flight per replica")
     timeout_s: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(4, ge=1, le=20, description="tries per request, first one included")
+    request_token_ids: bool = Field(
+        False, description="with logprobs, ask a vLLM server for token ids (return_tokens_as_token_ids); "
+        "other servers may reject the field"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/@?#\s]+(/[^?#\s]*)?$", v):
+            # Not echoed either: a URL with user:key@ or ?key= in it is a secret.
+            raise ValueError("must be http(s)://host[:port][/path], with no credentials or query string")
+        return v
 
     @field_validator("api_key_env")
     @classmethod
@@ -127,6 +140,9 @@ class Runtime(Strict):
     inflight_per_actor: int = Field(
         2, ge=1, le=64, description="batches queued on one teacher actor; bounds memory (backpressure)"
     )
+    startup_timeout_s: float = Field(
+        1800.0, gt=0.0, description="give up when a teacher actor has not started by then"
+    )
     max_consecutive_failures: int = Field(
         50, ge=1, description="stop the run when this many rows in a row fail at the teacher"
     )
@@ -147,6 +163,9 @@ class Job(Strict):
     )
     output: Output
     runtime: Runtime = Field(default_factory=Runtime)
+    licenses: list[Terms] = Field(
+        default_factory=list, description="terms to add to (or override in) the license registry"
+    )
 
     @model_validator(mode="after")
     def _unique_teachers(self) -> Job:
@@ -176,7 +195,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def _redact(value: Any) -> Any:
     """Hide api_key_env values inside echoed input: a user may have pasted the key there."""
     if isinstance(value, dict):
-        return {k: "***" if k == "api_key_env" else _redact(v) for k, v in value.items()}
+        return {k: "***" if k in ("api_key_env", "base_url") else _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
     return value
@@ -198,7 +217,7 @@ def format_validation_error(exc: ValidationError, *, where: str) -> str:
             lines.append(f"{where}: {loc}: unknown field")
         elif err["type"] == "missing":
             lines.append(f"{where}: {loc}: required field is missing")
-        elif loc.endswith("api_key_env"):  # never echo what may be a pasted key
+        elif loc.endswith(("api_key_env", "base_url")):  # never echo what may hold a key
             lines.append(f"{where}: {loc}: {msg}")
         else:
             lines.append(f"{where}: {loc}: {msg} (got {_short(err.get('input'))})")

@@ -66,7 +66,7 @@ def extract_json(text: str) -> Any:
     for c in candidates:
         try:
             return json.loads(c.strip())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # deeply nested garbage is not JSON either
             continue
     raise ValueError("no JSON value found")
 

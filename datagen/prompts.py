@@ -57,31 +57,37 @@ class TemplateSpec(Strict):
     answer: AnswerFormat = Field(default_factory=AnswerFormat)
 
 
-@dataclass(frozen=True)
 class Template:
-    spec: TemplateSpec
-    path: Path
-    text_hash: str
-    seeds: list[dict[str, Any]]
+    """A loaded spec: its Jinja2 turns compiled once, its seeds read."""
 
-    def render(self, seed: dict[str, Any]) -> list[dict[str, str]]:
+    def __init__(self, spec: TemplateSpec, path: Path, text_hash: str, seeds: list[dict[str, Any]]):
+        self.spec, self.path, self.text_hash, self.seeds = spec, path, text_hash, seeds
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        messages = []
         try:
-            if self.spec.system:
-                messages.append({"role": "system", "content": env.from_string(self.spec.system).render(**seed).strip()})
-            user = env.from_string(self.spec.user)
-            for shot in self.spec.shots:
-                messages.append({"role": "user", "content": user.render(**shot.vars).strip()})
-                messages.append({"role": "assistant", "content": shot.answer})
-            messages.append({"role": "user", "content": user.render(**seed).strip()})
+            self._system = env.from_string(spec.system) if spec.system else None
+            self._user = env.from_string(spec.user)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"{path}: template syntax error: {exc.message} (line {exc.lineno})") from None
+
+    def _turn(self, tpl: jinja2.Template, values: dict[str, Any], what: str) -> str:
+        try:
+            return tpl.render(values).strip()  # one dict: a seed field named "self" is fine
         except jinja2.UndefinedError as exc:
             raise ConfigError(
-                f"{self.path}: template uses a variable the seed row "
-                f"{seed.get(self.spec.seeds.id_field)!r} does not have: {exc.message}"
+                f"{self.path}: template uses a variable {what} does not have: {exc.message}"
             ) from None
-        except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"{self.path}: template syntax error: {exc.message} (line {exc.lineno})") from None
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ConfigError(f"{self.path}: template failed to render {what}: {exc}") from None
+
+    def render(self, seed: dict[str, Any]) -> list[dict[str, str]]:
+        what = f"the seed row {seed.get(self.spec.seeds.id_field)!r}"
+        messages = []
+        if self._system is not None:
+            messages.append({"role": "system", "content": self._turn(self._system, seed, what)})
+        for i, shot in enumerate(self.spec.shots):
+            messages.append({"role": "user", "content": self._turn(self._user, shot.vars, f"shots[{i}]")})
+            messages.append({"role": "assistant", "content": shot.answer})
+        messages.append({"role": "user", "content": self._turn(self._user, seed, what)})
         return messages
 
 
@@ -118,6 +124,8 @@ def _read_seeds(path: Path, id_field: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{path}:{n}: invalid JSON: {exc.msg}") from None
         if not isinstance(row, dict) or id_field not in row:
             raise ConfigError(f"{path}:{n}: each seed must be an object with an {id_field!r} field")
+        if not isinstance(row[id_field], (str, int)) or isinstance(row[id_field], bool):
+            raise ConfigError(f"{path}:{n}: seed {id_field!r} must be a string or an integer")
         if row[id_field] in ids:
             raise ConfigError(f"{path}:{n}: duplicate seed id {row[id_field]!r}")
         ids.add(row[id_field])
@@ -162,9 +170,19 @@ class PromptStream:
             )
         self.seeds = seeds[:count] if count is not None else seeds
         self.run_fingerprint = run_fingerprint
-        # Render everything up front: this is also the validation of the template against
-        # every seed, so a bad row fails before any teacher token is paid for.
-        self._rendered = [self.template.render(s) for s in self.seeds]
+        # Render every seed once up front, and keep nothing: this validates the template
+        # against every seed before a teacher token is paid for, while iteration renders
+        # again lazily so memory does not grow with the number of prompts.
+        id_field = self.template.spec.seeds.id_field
+        seen: dict[str, Any] = {}
+        for s in self.seeds:
+            pid = records.prompt_id(self.template.render(s))
+            if pid in seen:
+                raise ConfigError(
+                    f"{self.template.spec.seeds.path}: seeds {seen[pid]!r} and {s[id_field]!r} render "
+                    "the same prompt (they would be one row id); drop one or raise sampling.n"
+                )
+            seen[pid] = s[id_field]
 
     def __len__(self) -> int:
         return len(self.seeds) * sum(t.sampling.n for t in self.job.teachers)
@@ -172,7 +190,8 @@ class PromptStream:
     def __iter__(self) -> Iterator[Request]:
         spec = self.template.spec
         id_field = spec.seeds.id_field
-        for seed_row, messages in zip(self.seeds, self._rendered):
+        for seed_row in self.seeds:
+            messages = self.template.render(seed_row)
             pid = records.prompt_id(messages)
             provenance = {
                 "job": self.job.name,

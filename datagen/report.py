@@ -54,8 +54,14 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
     t.add_row("rows generated", str(stats.generated), str(sum(totals.values())))
     if stats.skipped:
         t.add_row("rows already committed (skipped)", str(stats.skipped), "")
+    # A row that failed on several resumes has several failed entries: count ids.
+    unresolved = len(store.row_ids(("failed",)) - store.row_ids(("accepted", "rejected"))) \
+        if totals["failed"] else 0
     for stream in records.STREAMS:
-        t.add_row(stream, str(stats.counts[stream]), str(totals[stream]))
+        if stream == "failed":
+            t.add_row("failed (unresolved in output)", str(stats.counts[stream]), str(unresolved))
+        else:
+            t.add_row(stream, str(stats.counts[stream]), str(totals[stream]))
         overall = store.manifest.reasons(stream)
         for reason, n in sorted(overall.items(), key=lambda kv: -kv[1]):
             t.add_row(f"  {reason}", str(stats.reasons[(stream, reason)]), str(n))

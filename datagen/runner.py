@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from datagen import records
+from datagen import licenses, records
 from datagen.config import Job
 from datagen.errors import DatagenError, MissingExtra, OutputError
 from datagen.filters import FilterChain
@@ -93,6 +93,7 @@ def prepare(job: Job) -> tuple[PromptStream, str]:
     provisional = PromptStream(job, run_fingerprint="")
     fp = run_fingerprint(job, _stream_hash(provisional))
     provisional.run_fingerprint = fp
+    licenses.resolve_job(job, template=provisional.template)
     for t in job.teachers:
         if getattr(t, "api_key_env", None) and not os.environ.get(t.api_key_env):
             raise DatagenError(
@@ -118,8 +119,30 @@ def _init_ray(job: Job) -> bool:
         kwargs["include_dashboard"] = False
         if job.runtime.num_cpus:
             kwargs["num_cpus"] = job.runtime.num_cpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise DatagenError(f"could not start or join {where}: {' '.join(str(exc).split())[:300]}") from None
     return True
+
+
+def _check_resources(job: Job) -> None:
+    """Refuse, naming the shortfall, a job whose actors can never all be placed."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for t in job.teachers:
+        if t.backend == "vllm":
+            need["CPU"] += t.num_cpus * t.replicas
+            need["GPU"] += t.num_gpus * t.replicas
+    for res, amount in need.items():
+        if amount > have.get(res, 0.0) + 1e-9:
+            raise DatagenError(
+                f"the teachers need {amount:g} {res} in all (replicas x num_{res.lower()}s) but the "
+                f"Ray cluster has {have.get(res, 0.0):g}; lower replicas or num_{res.lower()}s"
+            )
 
 
 class _Actors:
@@ -144,12 +167,30 @@ class _Actors:
             self.by_teacher[t.name] = actors
             for a in actors:
                 self.load[a] = 0
-        for name, actors in self.by_teacher.items():
-            try:
-                infos = ray.get([a.info.remote() for a in actors])
-            except ray.exceptions.RayActorError as exc:
-                raise DatagenError(f"teacher {name!r} failed to start: {_cause(exc)}") from None
-            self.info[name] = infos[0]
+        self._starting = {a.info.remote(): name for name, actors in self.by_teacher.items() for a in actors}
+
+    def wait_started(self, timeout_s: float, stop: Callable[[], bool]) -> bool:
+        """Wait for every actor's first answer; False if ``stop()`` turned true first."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while self._starting:
+            if stop():
+                return False
+            if time.monotonic() > deadline:
+                names = sorted(set(self._starting.values()))
+                raise DatagenError(
+                    f"teacher(s) {', '.join(names)} did not start within {timeout_s:g} s "
+                    "(runtime.startup_timeout_s); the Ray cluster may lack the resources they ask for"
+                )
+            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=1.0)
+            for ref in ready:
+                name = self._starting.pop(ref)
+                try:
+                    self.info[name] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise DatagenError(f"teacher {name!r} failed to start: {_cause(exc)}") from None
+        return True
 
     def free(self, teacher: str, limit: int) -> Any | None:
         actor = min(self.by_teacher[teacher], key=lambda a: self.load[a])
@@ -166,7 +207,7 @@ def _cause(exc: BaseException) -> str:
 
 
 def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: dict[str, Any],
-             licenses: dict[str, str | None]) -> dict[str, Any]:
+             license: dict[str, str]) -> dict[str, Any]:
     row = records.empty_row()
     row.update(
         row_id=req.row_id, prompt_id=req.prompt_id, sample_index=req.sample_index,
@@ -178,7 +219,7 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
         top_ids=gen["top_ids"], top_logprobs=gen["top_logprobs"],
         tokenizer_fingerprint=info.get("tokenizer_fingerprint"),
         provenance=req.provenance,
-        license={"teacher": info.get("license"), **licenses},
+        license=license,
         timings={"generated_at": datetime.now(timezone.utc), "latency_s": gen["latency_s"],
                  "attempts": gen["attempts"]},
         error=gen["error"],
@@ -194,6 +235,33 @@ def _batches(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[
         yield req
 
 
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the driver loop checks between batches, so an
+    interrupt never lands in the middle of a shard write. A second signal interrupts at
+    once (KeyboardInterrupt), for a run that is stuck."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def execute(job: Job, store: ShardStore, stream: PromptStream,
             on_progress: Callable[[RunStats], None] | None = None) -> RunStats:
     """Run the job into ``store``. Rows already committed there are skipped (resume)."""
@@ -203,105 +271,39 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
     done = store.row_ids(("accepted", "rejected"))
     teachers = {t.name: t for t in job.teachers}
     chain = FilterChain(job.filters, stream.template.spec.answer)
-    licenses = {"seed": stream.template.spec.seeds.license, "template": stream.template.spec.license}
+    spec = stream.template.spec
+    teacher_terms = licenses.resolve_job(job, template=stream.template)
+    row_licenses = {name: {"teacher": lid, "seed": spec.seeds.license, "template": spec.license}
+                    for name, lid in teacher_terms.items()}
     started_ray = _init_ray(job)
-    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        actors = _Actors(job)
-        stats.teachers_ready = time.monotonic()
-        pending = _batches(stream, done, stats)
-        buffers: dict[str, list[Request]] = {name: [] for name in teachers}
-        ready_batches: deque[tuple[str, list[Request]]] = deque()
-        inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
-        exhausted = False
-        consecutive_failures = 0
-        limit = job.runtime.inflight_per_actor
-        if on_progress:
-            on_progress(stats)
-        while True:
-            # Fill free actor slots; pull from the stream only while a slot can take it.
-            while True:
-                if ready_batches:
-                    name, batch = ready_batches[0]
-                    actor = actors.free(name, limit)
-                    if actor is None:
-                        break
-                    ready_batches.popleft()
-                    ref = actor.generate.remote([{"row_id": r.row_id, "messages": r.messages, "seed": r.seed} for r in batch])
-                    actors.load[actor] += 1
-                    inflight[ref] = (actor, name, batch)
-                    continue
-                if exhausted:
-                    break
-                req = next(pending, None)
-                if req is None:
-                    exhausted = True
-                    ready_batches.extend((n, b) for n, b in buffers.items() if b)
-                    buffers = {n: [] for n in teachers}
-                    continue
-                buffers[req.teacher].append(req)
-                if len(buffers[req.teacher]) >= teachers[req.teacher].batch_size:
-                    ready_batches.append((req.teacher, buffers[req.teacher]))
-                    buffers[req.teacher] = []
-            if not inflight:
-                break
-            done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            for ref in done_refs:
-                actor, name, batch = inflight.pop(ref)
-                actors.load[actor] -= 1
-                try:
-                    gens = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    raise DatagenError(
-                        f"teacher {name!r} died {ACTOR_MAX_RESTARTS + 1} times on one batch "
-                        f"({_cause(exc)}); committed rows are intact, `datagen resume "
-                        f"{store.root}` continues"
-                    ) from None
-                sampling = teachers[name].sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
-                for req, gen in zip(batch, gens):
-                    row = make_row(req, gen, actors.info[name], sampling, licenses)
-                    if gen["error"]:
-                        stream_name, reason = "failed", gen["error"].split(":", 1)[0]
-                        consecutive_failures += 1
-                    else:
-                        consecutive_failures = 0
-                        verdicts = chain(row)
-                        row["verdicts"] = [v.to_dict() for v in verdicts]
-                        keep = verdicts[-1].keep if verdicts else True
-                        stream_name = "accepted" if keep else "rejected"
-                        reason = None if keep else verdicts[-1].reason
-                        stats.prompt_tokens += gen["prompt_tokens"] or 0
-                        stats.completion_tokens += gen["completion_tokens"] or 0
-                    store.add(stream_name, row)
-                    stats.counts[stream_name] += 1
-                    if reason:
-                        stats.reasons[(stream_name, reason)] += 1
-                    if consecutive_failures >= job.runtime.max_consecutive_failures:
-                        store.commit_all()
-                        raise DatagenError(
-                            f"teacher {name!r} failed {consecutive_failures} rows in a row "
-                            f"(last: {gen['error'][:200]}); committed rows are intact: fix the "
-                            f"teacher, then `datagen resume {store.root}`"
-                        )
-            store.commit_due()
+        with _StopFlag() as stop:
+            if started_ray:
+                _check_resources(job)
+            actors = _Actors(job)
             if on_progress:
                 on_progress(stats)
-        store.commit_all()
+            if actors.wait_started(job.runtime.startup_timeout_s, lambda: stop.set):
+                stats.teachers_ready = time.monotonic()
+                _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop,
+                       on_progress)
+            stats.interrupted = stop.set
+            # Rows already received are complete: commit them. In-flight batches are not
+            # committed; `datagen resume` regenerates them under the same ids.
+            store.commit_all()
     except DatagenError as exc:
         # Commit what was received before stopping, unless writing is what broke.
         if not isinstance(exc, OutputError):
-            try:
-                store.commit_all()
-            except DatagenError:
-                pass
+            _commit_quietly(store)
         raise
-    except KeyboardInterrupt:
-        # Rows already received are complete: commit them; in-flight batches are simply
-        # not committed and get regenerated by `datagen resume`.
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep what can be kept
         stats.interrupted = True
-        store.commit_all()
+        _commit_quietly(store)
+    except BaseException:
+        # A bug or an unexpected error: still commit what was received, then show it.
+        _commit_quietly(store)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
         if started_ray:
             ray.shutdown()
     if on_progress:
@@ -309,5 +311,95 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
     return stats
 
 
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _commit_quietly(store: ShardStore) -> None:
+    try:
+        store.commit_all()
+    except DatagenError:
+        pass
+
+
+def _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop, on_progress) -> None:
+    """The loop: fill free actor slots, wait for one batch, route its rows, commit when due."""
+    import ray
+
+    pending = _batches(stream, done, stats)
+    buffers: dict[str, list[Request]] = {name: [] for name in teachers}
+    ready_batches: deque[tuple[str, list[Request]]] = deque()
+    inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
+    exhausted = False
+    consecutive_failures = 0
+    limit = job.runtime.inflight_per_actor
+    sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
+                for name, t in teachers.items()}
+    while not stop.set:
+        while True:
+            # The first ready batch whose teacher has a free actor (one busy teacher
+            # must not hold up another's batches).
+            pick = next(((i, a) for i, (n, _) in enumerate(ready_batches)
+                         if (a := actors.free(n, limit)) is not None), None)
+            if pick is not None:
+                i, actor = pick
+                name, batch = ready_batches[i]
+                del ready_batches[i]
+                ref = actor.generate.remote([{"row_id": r.row_id, "messages": r.messages, "seed": r.seed}
+                                             for r in batch])
+                actors.load[actor] += 1
+                inflight[ref] = (actor, name, batch)
+                continue
+            if exhausted or len(ready_batches) >= len(actors.load):
+                break  # backpressure: pull no more prompts until a slot frees
+            req = next(pending, None)
+            if req is None:
+                exhausted = True
+                ready_batches.extend((n, b) for n, b in buffers.items() if b)
+                buffers = {n: [] for n in teachers}
+                continue
+            buffers[req.teacher].append(req)
+            if len(buffers[req.teacher]) >= teachers[req.teacher].batch_size:
+                ready_batches.append((req.teacher, buffers[req.teacher]))
+                buffers[req.teacher] = []
+        if not inflight:
+            return
+        done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        for ref in done_refs:
+            actor, name, batch = inflight.pop(ref)
+            actors.load[actor] -= 1
+            try:
+                gens = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise DatagenError(
+                    f"teacher {name!r} died {ACTOR_MAX_RESTARTS + 1} times on one batch "
+                    f"({_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
+                ) from None
+            except ray.exceptions.RayError as exc:
+                raise DatagenError(
+                    f"teacher {name!r} raised {_cause(exc)}; committed rows are intact, "
+                    f"`datagen resume {store.root}` continues"
+                ) from None
+            for req, gen in zip(batch, gens):
+                row = make_row(req, gen, actors.info[name], sampling[name], row_licenses[name])
+                if gen["error"]:
+                    stream_name, reason = "failed", gen["error"].split(":", 1)[0]
+                    consecutive_failures += 1
+                else:
+                    consecutive_failures = 0
+                    verdicts = chain(row)
+                    row["verdicts"] = [v.to_dict() for v in verdicts]
+                    keep = verdicts[-1].keep if verdicts else True
+                    stream_name = "accepted" if keep else "rejected"
+                    reason = None if keep else verdicts[-1].reason
+                    stats.prompt_tokens += gen["prompt_tokens"] or 0
+                    stats.completion_tokens += gen["completion_tokens"] or 0
+                store.add(stream_name, row)
+                stats.counts[stream_name] += 1
+                if reason:
+                    stats.reasons[(stream_name, reason)] += 1
+                if consecutive_failures >= job.runtime.max_consecutive_failures:
+                    raise DatagenError(
+                        f"teacher {name!r} failed {consecutive_failures} rows in a row "
+                        f"(last: {gen['error'][:200]}); committed rows are intact: fix the "
+                        f"teacher, then `datagen resume {store.root}`"
+                    )
+        store.commit_due()
+        if on_progress:
+            on_progress(stats)

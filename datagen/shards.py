@@ -110,9 +110,12 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise OutputError(f"{path} is corrupt ({exc.msg}); it is only ever replaced atomically, "
                               "so something outside datagen wrote to it") from None
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("shards"), list):
             raise OutputError(f"{path} is not a datagen manifest")
-        records.check_schema_version(data.get("schema_version"), where=str(path))
+        try:
+            records.check_schema_version(data.get("schema_version"), where=str(path))
+        except ValueError as exc:
+            raise OutputError(str(exc)) from None
         return cls(root, data)
 
     def save(self) -> None:
@@ -136,7 +139,12 @@ class Manifest:
         return c
 
     def files(self, stream: str) -> list[Path]:
-        return [self.root / s["file"] for s in self.shards if s["stream"] == stream]
+        paths = [self.root / s["file"] for s in self.shards if s["stream"] == stream]
+        for p in paths:
+            if not p.is_file():
+                raise OutputError(f"{p} is listed in the manifest but missing; "
+                                  f"`datagen verify {self.root}` checks every shard")
+        return paths
 
 
 def _license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -168,12 +176,14 @@ class StreamWriter:
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
         self._opened_at = time.monotonic()
+        self._broken: str | None = None  # set by a failed write: never commit after that
 
     @property
     def open_rows(self) -> int:
         return len(self._pending) + len(self._shard_rows)
 
     def add(self, row: dict[str, Any]) -> None:
+        self._check()
         if not self._shard_rows:
             self._opened_at = time.monotonic()  # the commit timer runs from a shard's first row
         self._pending.append(row)
@@ -191,10 +201,17 @@ class StreamWriter:
     def _bytes(self) -> int:
         return self._tmp.stat().st_size if self._tmp is not None and self._tmp.exists() else 0
 
+    def _check(self) -> None:
+        if self._broken:
+            raise OutputError(f"the {self.stream} writer stopped after an error ({self._broken}); "
+                              f"committed shards are intact, `datagen resume {self.store.root}` continues")
+
     def _flush_row_group(self) -> None:
         if not self._pending:
             return
-        table = records.to_table(self._pending)
+        # Take the rows first: whatever happens below, they are never written twice.
+        pending, self._pending = self._pending, []
+        table = records.to_table(pending)
         try:
             if self._writer is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -203,15 +220,16 @@ class StreamWriter:
                 self._writer = pq.ParquetWriter(
                     self._tmp, records.SCHEMA, compression=self.store.output.compression,
                 )
-            self._writer.write_table(table, row_group_size=len(self._pending))
+            self._writer.write_table(table, row_group_size=len(pending))
         except OSError as exc:
+            self._broken = str(exc)
             raise _disk_error(exc, f"writing {self._tmp}") from None
-        self._pending = []
 
     def commit(self) -> dict[str, Any] | None:
         """Seal the open shard and record it in the manifest. No-op when empty."""
         if not self._shard_rows:
             return None
+        self._check()
         self._flush_row_group()
         assert self._writer is not None and self._tmp is not None
         seq = self.store.manifest.next_seq(self.stream)
@@ -225,6 +243,7 @@ class StreamWriter:
             os.replace(self._tmp, final)
             _fsync_dir(self.dir)
         except OSError as exc:
+            self._broken = str(exc)
             raise _disk_error(exc, f"committing {final}") from None
         reasons = Counter(r["reason"] for r in self._shard_rows if r["reason"])
         entry = {
@@ -244,6 +263,7 @@ class StreamWriter:
             self.store.manifest.save()  # <- the commit point
         except OSError as exc:
             self.store.manifest.shards.pop()
+            self._broken = str(exc)
             raise _disk_error(exc, "writing the manifest") from None
         self._writer, self._tmp, self._shard_rows = None, None, []
         self._opened_at = time.monotonic()
@@ -290,9 +310,12 @@ class ShardStore:
                 "job": job_meta["name"], "run_fingerprint": job_meta["run_fingerprint"],
                 "shards": [],
             })
-            atomic_write_text(root / JOB_FILE, json.dumps(job_meta, indent=1, sort_keys=True))
             store = cls(root, manifest, output)
             store._lock()
+            if (root / MANIFEST).exists():  # another `run` won the race for this directory
+                store.close()
+                raise OutputError(f"{root} already holds a datagen run; choose another --output")
+            atomic_write_text(root / JOB_FILE, json.dumps(job_meta, indent=1, sort_keys=True))
             manifest.save()
         except OSError as exc:
             raise _disk_error(exc, f"creating {root}") from None
@@ -300,12 +323,22 @@ class ShardStore:
 
     @classmethod
     def open(cls, root: Path, output: Any = None, *, for_writing: bool = False) -> ShardStore:
-        manifest = Manifest.load(root)
+        manifest = Manifest.load(root)  # also the clear error for a non-output directory
         store = cls(root, manifest, output)
         if for_writing:
+            # Lock, then re-read: a writer that committed in between must not have its
+            # new shard swept as an orphan.
             store._lock()
+            store.manifest = Manifest.load(root)
             store.sweep()
         return store
+
+    def job_meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / JOB_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OutputError(f"{self.root / JOB_FILE} is missing or corrupt ({exc}); "
+                              "this output cannot be resumed") from None
 
     def _lock(self) -> None:
         fd = os.open(self.root / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
@@ -349,9 +382,6 @@ class ShardStore:
             w.commit()
 
     # -- reading -------------------------------------------------------------------
-    def job_meta(self) -> dict[str, Any]:
-        return json.loads((self.root / JOB_FILE).read_text())
-
     def row_ids(self, streams: Iterable[str] = ("accepted", "rejected")) -> set[str]:
         ids: set[str] = set()
         for stream in streams:

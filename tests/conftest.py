@@ -40,7 +40,7 @@ def write_job(tmp_path: Path, *, base_url: str, name: str = "t", count: int | No
     teacher = {
         "name": "fake", "backend": "openai", "model": "fake", "base_url": base_url,
         "license": "Apache-2.0", "batch_size": batch_size, "max_concurrency": 4,
-        "timeout_s": 5, "max_attempts": 3,
+        "timeout_s": 5, "max_attempts": 3, "request_token_ids": True,
         "sampling": {"temperature": 0.0, "max_tokens": 64, "n": n, "logprobs": 5},
     }
     teacher.update(extra_teacher or {})

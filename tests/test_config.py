@@ -44,6 +44,7 @@ def base_job() -> dict[str, Any]:
                 "backend": "openai",
                 "model": "m",
                 "base_url": "http://127.0.0.1:9/v1",
+                "license": "MIT",
                 "sampling": {"temperature": 0.0, "max_tokens": 16},
             }
         ],
@@ -225,7 +226,6 @@ def test_unknown_field_of_vllm_teacher(jd: JobDir):
         ("teachers[0].sampling.n", 0),
         ("teachers[0].sampling.logprobs", 21),
         ("teachers[0].replicas", -1),
-        ("teachers[0].base_url", "ftp://example.com"),
         ("teachers[0].name", "has space"),
         ("output.shard_rows", 0),
         ("output.compression", "gzip"),
@@ -240,6 +240,15 @@ def test_bad_value_names_path_and_value(jd: JobDir, field: str, value: Any):
     assert "\n" not in msg
     assert msg.startswith(f"{path}: {field}: ")
     assert msg.endswith(f"(got {value!r})")
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com", "https://user:sk-abc123secret@api.example.com/v1",
+                                 "https://api.example.com/v1?key=sk-abc123secret"])
+def test_bad_base_url_is_named_but_never_echoed(jd: JobDir, url: str):
+    # A URL can carry a key (user:key@host, ?key=): the error names the field, not the value.
+    msg = config_error(jd.write_with({"teachers[0].base_url": url}))
+    assert msg.startswith(f"{jd.job}: teachers[0].base_url: must be http(s)://host")
+    assert "example.com" not in msg and "abc123" not in msg
 
 
 def test_bad_list_item_names_its_index(jd: JobDir):
@@ -601,3 +610,14 @@ def test_cli_run_with_bad_job_fails_before_writing_anything(jd: JobDir, monkeypa
     args, snippets = _scenario(jd, scenario)
     proc = datagen("run", str(jd.job), *args, timeout=120)
     assert_cli_error(proc, *snippets, out=jd.out)
+
+
+def test_seeds_that_render_the_same_prompt_are_refused(tmp_path):
+    (tmp_path / "seeds.jsonl").write_text('{"id": "a", "q": "same"}\n{"id": "b", "q": "same"}\n')
+    (tmp_path / "t.yaml").write_text(
+        "id: t\nversion: '1'\nlicense: MIT\nuser: '{{ q }}'\nseeds: {path: seeds.jsonl, license: MIT}\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: j\nprompts: {template: t.yaml}\noutput: {path: out}\n"
+        "teachers: [{name: a, backend: openai, model: m, license: MIT, base_url: 'http://127.0.0.1:9/v1'}]\n")
+    with pytest.raises(DatagenError, match="seeds 'a' and 'b' render the same prompt"):
+        runner.prepare(load_job(tmp_path / "job.yaml"))

@@ -101,8 +101,38 @@ def test_concurrency_is_bounded(server):
     assert server.max_concurrent <= 3
 
 
-def test_logprobs_with_token_ids(server):
+def test_logprobs_without_token_ids_are_not_stored(server):
+    # A server that names tokens by text gives nothing KD can use: store nothing rather
+    # than something misleading. (And the vLLM-only request field is not sent.)
     t = teacher(server, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 5})
+    [g] = ask(t, "one two three")
+    assert g.error is None and g.text == "echo: one two three"
+    assert g.token_ids is None and g.top_ids is None
+
+
+def test_retry_after_parsing():
+    import httpx
+
+    from datagen.teachers.openai_api import _retry_after
+
+    class E(Exception):
+        def __init__(self, headers):
+            self.response = httpx.Response(429, headers=headers)
+
+    assert _retry_after(E({"retry-after": "2.5"})) == 2.5
+    assert _retry_after(E({"retry-after-ms": "1500"})) == 1.5
+    assert _retry_after(E({"retry-after": "999"})) == 60.0  # capped
+    for bad in ("nan", "-3", "soon"):
+        assert _retry_after(E({"retry-after": bad})) is None
+    import email.utils
+    import time as _t
+
+    when = email.utils.formatdate(_t.time() + 30, usegmt=True)
+    assert 25 <= _retry_after(E({"retry-after": when})) <= 31
+
+
+def test_logprobs_with_token_ids(server):
+    t = teacher(server, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 5}, request_token_ids=True)
     [g] = ask(t, "one two three")
     assert len(g.token_ids) == len(g.token_logprobs) == len(g.top_ids) == g.completion_tokens == 4
     assert all(len(ids) == 5 for ids in g.top_ids)
@@ -124,6 +154,27 @@ def test_api_key_never_leaks(server, monkeypatch, capsys):
     out = capsys.readouterr()
     assert secret not in blob + out.out + out.err
     assert g.error.startswith("teacher.http_500")
+
+
+def test_key_echoed_by_a_server_is_scrubbed(monkeypatch):
+    secret = "sk-test-ECHOED-BY-PROXY-42"
+    monkeypatch.setenv("FAKE_KEY", secret)
+    with FakeOpenAIServer(answer=lambda m: "unused") as s:
+        s.inject("400", times=None)
+        t = teacher(s, api_key_env="FAKE_KEY", max_attempts=1)
+        import datagen.testing.fake_openai as fo
+
+        # A proxy that repeats the Authorization header in its error body.
+        orig = fo.FakeOpenAIServer._serve
+
+        def echo(self, h, body, fault):
+            h._json(400, {"error": {"message": "bad key " + h.headers.get("authorization", "")}})
+
+        monkeypatch.setattr(fo.FakeOpenAIServer, "_serve", echo)
+        [g] = ask(t, "hi")
+        monkeypatch.setattr(fo.FakeOpenAIServer, "_serve", orig)
+    assert g.error.startswith("teacher.http_400") and "bad key" in g.error
+    assert secret not in g.error and "***" in g.error
 
 
 def test_missing_key_env_is_a_clear_error(server, monkeypatch):

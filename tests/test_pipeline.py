@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from datagen.config import load_job
 from datagen.prompts import PromptStream
@@ -205,3 +206,17 @@ def test_output_path_that_is_a_file(tmp_path, fake_server):
     res = datagen("run", str(job), "--output", str(tmp_path / "afile"))
     assert res.returncode == 1 and "is a file" in res.stderr
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_teachers_that_cannot_be_placed_are_refused_before_starting(tmp_path):
+    # 3 replicas x 1 CPU on a 2-CPU local Ray: refused at once, naming the shortfall,
+    # instead of waiting forever for the third actor.
+    job = write_job(tmp_path, base_url="http://127.0.0.1:9/v1", count=4)
+    data = yaml.safe_load(job.read_text())
+    data["teachers"] = [{"name": "v", "backend": "vllm", "model": "embedded:smollm2-135m-instruct",
+                         "replicas": 3, "num_cpus": 1}]
+    job.write_text(yaml.safe_dump(data))
+    res = datagen("run", str(job))
+    assert res.returncode == 1, res.stderr
+    assert "need 3 CPU" in res.stderr and "has 2" in res.stderr
+    assert "Traceback" not in res.stderr

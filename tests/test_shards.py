@@ -199,3 +199,24 @@ def test_full_disk_stops_with_clear_error_and_keeps_committed_rows(tmp_path):
     assert "out of disk space (File too large)" in err
     assert "every committed shard is intact" in err and "datagen resume" in err
     assert sorted(committed_rows(tmp_path / "o")) == [f"id{i:06d}" for i in range(100)]
+
+
+def test_damaged_outputs_get_one_line_errors(tmp_path):
+    from .conftest import datagen
+
+    root = tmp_path / "o"
+    store = ShardStore.create(root, output(), job_meta=META)
+    store.add("accepted", row(1))
+    store.commit_all()
+    store.close()
+    (root / "accepted" / "part-000000.parquet").unlink()
+    res = datagen("inspect", str(root))
+    assert res.returncode == 1 and "listed in the manifest but missing" in res.stderr
+    (root / "datagen-job.json").unlink()
+    res = datagen("resume", str(root))
+    assert res.returncode == 1 and "datagen-job.json is missing or corrupt" in res.stderr
+    (root / MANIFEST).write_text('{"format": "datagen-shards", "schema_version": "2.0", "shards": []}')
+    res = datagen("inspect", str(root))
+    assert res.returncode == 1 and "schema version 2.0 is not readable" in res.stderr
+    for r in (res,):
+        assert "Traceback" not in r.stderr

@@ -17,10 +17,13 @@ and lives only in the client object; it is never logged, stored or put in an err
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import math
 import os
 import random
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
@@ -53,14 +56,28 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _retry_after(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as
+    seconds or as an HTTP date. Capped; nonsense (negative, NaN, unparsable) is ignored."""
     response = getattr(exc, "response", None)
     if response is None:
         return None
-    value = response.headers.get("retry-after")
+    headers = response.headers
+    seconds: float | None = None
     try:
-        return min(float(value), RETRY_AFTER_CAP_S) if value is not None else None
-    except ValueError:
+        if headers.get("retry-after-ms") is not None:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif headers.get("retry-after") is not None:
+            value = headers["retry-after"].strip()
+            try:
+                seconds = float(value)
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+                seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    except (ValueError, TypeError, OverflowError):
         return None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, RETRY_AFTER_CAP_S)
 
 
 class _Wait:
@@ -92,10 +109,12 @@ def _error_code(exc: BaseException) -> str:
     return "teacher.error"
 
 
-def _describe(exc: BaseException) -> str:
-    # The openai client's messages quote the server's body, never the request headers,
-    # so no key can appear here; keep it to one short line all the same.
+def _describe(exc: BaseException, secret: str | None) -> str:
+    # The openai client's messages quote the server's body. A misbehaving proxy could
+    # echo the key in it, so the key is scrubbed before the text goes into a row or a log.
     text = " ".join(str(exc).split())
+    if secret:
+        text = text.replace(secret, "***")
     return text[:200]
 
 
@@ -114,10 +133,23 @@ class OpenAICompatibleTeacher:
                     f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set "
                     "(it should hold the API key)"
                 )
-        self.client = openai.AsyncOpenAI(
-            base_url=cfg.base_url, api_key=key or "not-needed", max_retries=0, timeout=cfg.timeout_s
-        )
+        self._key = key  # only ever handed to the client; never logged, stored or repr'd
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
+
+    def _bind(self) -> None:
+        """The client and semaphore belong to one event loop; make them for the current one."""
+        import openai
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._client = openai.AsyncOpenAI(
+                base_url=self.cfg.base_url, api_key=self._key or "not-needed", max_retries=0,
+                timeout=self.cfg.timeout_s,
+            )
+            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleTeacher(name={self.cfg.name!r}, base_url={self.cfg.base_url!r})"
@@ -130,8 +162,7 @@ class OpenAICompatibleTeacher:
         }
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[Generation]:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        self._bind()
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     async def _one(self, request: dict[str, Any]) -> Generation:
@@ -152,7 +183,7 @@ class OpenAICompatibleTeacher:
                 return Generation(
                     row_id=request["row_id"], attempts=attempts,
                     latency_s=time.perf_counter() - start,
-                    error=f"{_error_code(exc)}: {_describe(exc)} (after {attempts} attempts)",
+                    error=f"{_error_code(exc)}: {_describe(exc, self._key)} (after {attempts} attempts)",
                 )
             gen.attempts = attempts
             gen.latency_s = time.perf_counter() - start
@@ -170,9 +201,11 @@ class OpenAICompatibleTeacher:
         if s.logprobs is not None:
             kwargs["logprobs"] = True
             kwargs["top_logprobs"] = s.logprobs
-            # vLLM servers can name tokens by id ("token_id:123"); others ignore this.
-            kwargs["extra_body"] = {"return_tokens_as_token_ids": True}
-        resp = await self.client.chat.completions.create(**kwargs)
+            if self.cfg.request_token_ids:
+                # vLLM servers can name tokens by id ("token_id:123"); OpenAI's API would
+                # reject the unknown field, hence opt-in.
+                kwargs["extra_body"] = {"return_tokens_as_token_ids": True}
+        resp = await self._client.chat.completions.create(**kwargs)
         return self._parse(request["row_id"], resp)
 
     def _parse(self, row_id: str, resp: Any) -> Generation:

@@ -1,0 +1,100 @@
+"""``datagen verify DIR``: check every committed shard against the manifest.
+
+For each shard listed: the file exists, its size and sha256 match, Parquet can read its
+footer, the row count and schema version match, and the license summary recomputed
+from its rows equals the manifest's. Files the manifest lists besides shards (an
+export's card and NOTICE) are checked by sha256. Shards on disk that the manifest does
+not list are reported as uncommitted (not an error: a crash leaves them, resume sweeps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from datagen import records
+from datagen.shards import Manifest
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shards: int = 0
+    rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(root: Path) -> Report:
+    manifest = Manifest.load(root)
+    rep = Report()
+    listed = set()
+    for s in manifest.shards:
+        path = root / s["file"]
+        listed.add(path)
+        name = s["file"]
+        rep.shards += 1
+        if not path.is_file():
+            rep.problems.append(f"{name}: missing (listed in the manifest)")
+            continue
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            rep.problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or rewritten)")
+            continue
+        digest = _sha256(path)
+        if digest != s["sha256"]:
+            rep.problems.append(f"{name}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}…")
+            continue
+        try:
+            pf = pq.ParquetFile(path)
+            meta = pf.schema_arrow.metadata or {}
+            version = meta.get(b"datagen.schema_version", b"").decode() or None
+            licenses = pf.read(columns=["license"]).column("license").to_pylist()
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a finding, not a crash
+            rep.problems.append(f"{name}: not readable as Parquet ({exc})")
+            continue
+        if pf.metadata.num_rows != s["rows"]:
+            rep.problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {s['rows']}")
+        if version != s.get("schema_version"):
+            rep.problems.append(f"{name}: schema version {version}, manifest says {s.get('schema_version')}")
+        else:
+            try:
+                records.check_schema_version(version, where=name)
+            except ValueError as exc:
+                rep.problems.append(str(exc))
+        summary: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
+        for lic in licenses:
+            for key, value in (lic or {}).items():
+                summary[key][value or "unknown"] += 1
+        if {k: dict(v) for k, v in summary.items()} != s.get("license_summary"):
+            rep.problems.append(f"{name}: license tags differ from the manifest's license summary")
+        rep.rows += s["rows"]
+    for rel, digest in (manifest.data.get("files") or {}).items():
+        path = root / rel
+        if not path.is_file():
+            rep.problems.append(f"{rel}: missing (listed in the manifest)")
+        elif _sha256(path) != digest:
+            rep.problems.append(f"{rel}: sha256 does not match the manifest")
+    for stream in records.STREAMS:
+        d = root / stream
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if p not in listed:
+                    rep.notes.append(f"{p.relative_to(root)}: not in the manifest (uncommitted; "
+                                     "readers ignore it, resume deletes it)")
+    return rep
