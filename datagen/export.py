@@ -34,7 +34,7 @@ import yaml
 from datagen.config import Output
 from datagen.errors import OutputError
 from datagen.licenses import CLASSES, Registry
-from datagen.shards import ShardStore, atomic_write_text
+from datagen.shards import ShardStore, atomic_write_text, sha256_file
 
 
 @dataclass
@@ -44,12 +44,6 @@ class ExportResult:
     dropped: Counter = field(default_factory=Counter)  # class or "not allowed" -> rows
     licenses: set[str] = field(default_factory=set)
     conflicts: list[str] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _size_category(n: int) -> str:
@@ -117,7 +111,7 @@ def export(src: Path, dest: Path, *, license_class: str | None = None, allow: li
                 files["NOTICE"] = notice
             for name, text in files.items():
                 atomic_write_text(out.root / name, text)
-            out.manifest.data["files"] = {name: _sha256(out.root / name) for name in files}
+            out.manifest.data["files"] = {name: sha256_file(out.root / name) for name in files}
             out.manifest.save()
         finally:
             out.close()

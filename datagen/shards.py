@@ -68,7 +68,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -147,7 +147,7 @@ class Manifest:
         return paths
 
 
-def _license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+def license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
     for row in rows:
         for key, value in (row.get("license") or {}).items():
@@ -238,7 +238,7 @@ class StreamWriter:
             self._writer.close()
             with open(self._tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            digest = _sha256(self._tmp)
+            digest = sha256_file(self._tmp)
             size = self._tmp.stat().st_size
             os.replace(self._tmp, final)
             _fsync_dir(self.dir)
@@ -254,7 +254,7 @@ class StreamWriter:
             "bytes": size,
             "sha256": digest,
             "schema_version": records.SCHEMA_VERSION,
-            "license_summary": _license_summary(self._shard_rows),
+            "license_summary": license_summary(self._shard_rows),
             "reasons": dict(reasons),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

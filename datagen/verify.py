@@ -9,15 +9,13 @@ not list are reported as uncommitted (not an error: a crash leaves them, resume 
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from datagen import records
-from datagen.shards import Manifest
+from datagen.shards import Manifest, license_summary, sha256_file
 
 
 @dataclass
@@ -30,14 +28,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(root: Path) -> Report:
@@ -56,7 +46,7 @@ def verify(root: Path) -> Report:
         if size != s["bytes"]:
             rep.problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or rewritten)")
             continue
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != s["sha256"]:
             rep.problems.append(f"{name}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}…")
             continue
@@ -77,18 +67,14 @@ def verify(root: Path) -> Report:
                 records.check_schema_version(version, where=name)
             except ValueError as exc:
                 rep.problems.append(str(exc))
-        summary: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
-        for lic in licenses:
-            for key, value in (lic or {}).items():
-                summary[key][value or "unknown"] += 1
-        if {k: dict(v) for k, v in summary.items()} != s.get("license_summary"):
+        if license_summary([{"license": lic} for lic in licenses]) != s.get("license_summary"):
             rep.problems.append(f"{name}: license tags differ from the manifest's license summary")
         rep.rows += s["rows"]
     for rel, digest in (manifest.data.get("files") or {}).items():
         path = root / rel
         if not path.is_file():
             rep.problems.append(f"{rel}: missing (listed in the manifest)")
-        elif _sha256(path) != digest:
+        elif sha256_file(path) != digest:
             rep.problems.append(f"{rel}: sha256 does not match the manifest")
     for stream in records.STREAMS:
         d = root / stream

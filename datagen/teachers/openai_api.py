@@ -120,10 +120,6 @@ def _describe(exc: BaseException, secret: str | None) -> str:
 
 class OpenAICompatibleTeacher:
     def __init__(self, cfg: OpenAITeacher):
-        try:
-            import openai
-        except ImportError:  # pragma: no cover - openai is a core dependency
-            raise ConfigError("the openai backend needs the 'openai' package") from None
         self.cfg = cfg
         key = None
         if cfg.api_key_env:
