@@ -1,4 +1,4 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, export, verify, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -121,6 +121,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dedupe(args: argparse.Namespace) -> int:
+    from datagen.config import Dedupe
+    from datagen.dedupe import dedupe
+    from datagen.shards import ShardStore
+
+    src = Path(args.output_dir).resolve()
+    job = (ShardStore.open(src).job_meta().get("job") or {})
+    settings = dict(job.get("dedupe") or {})
+    for key in ("on", "threshold", "num_perm", "shingle", "ngram", "verify"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    res = dedupe(src, Dedupe.model_validate(settings), dest=Path(args.to).resolve() if args.to else None,
+                 workers=args.workers)
+    r = res.report
+    print(f"{res.rows} rows -> {res.kept} kept ({r['removed']} removed: {r['exact_duplicates']} exact, "
+          f"{r['verified_pairs']} near-duplicate pairs); cluster sizes {r['cluster_sizes']}; "
+          f"{r['seconds']} s; view: {res.dest}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from datagen.verify import verify
 
@@ -185,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-incompatible", metavar="REASON",
                    help="export even when the selected terms conflict; REASON goes into the card")
     r.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("dedupe", help="cluster near-duplicate accepted rows; write a deduplicated view")
+    r.add_argument("output_dir")
+    r.add_argument("--to", help="view directory (default OUTPUT_DIR/dedupe; must not exist)")
+    r.add_argument("--on", choices=["response", "prompt", "both"], help="text to compare (default: job's dedupe.on)")
+    r.add_argument("--threshold", type=float)
+    r.add_argument("--num-perm", type=int)
+    r.add_argument("--shingle", choices=["word", "char"])
+    r.add_argument("--ngram", type=int)
+    r.add_argument("--verify", choices=["exact", "estimate"])
+    r.add_argument("--workers", type=int, help="processes for signatures (default: all cores)")
+    r.set_defaults(func=cmd_dedupe)
 
     r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")
     r.add_argument("output_dir")

@@ -150,6 +150,24 @@ class Runtime(Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
 
 
+class Dedupe(Strict):
+    """Near-duplicate detection (``datagen dedupe``); see datagen/minhash.py."""
+
+    on: Literal["response", "prompt", "both"] = "response"
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets")
+    num_perm: int = Field(128, ge=16, le=1024)
+    seed: int = 1
+    shingle: Literal["word", "char"] = "word"
+    ngram: int = Field(3, ge=1, le=32)
+    lowercase: bool = True
+    strip_punct: bool = True
+    fp_weight: float = Field(0.05, ge=0.0, le=1.0)
+    fn_weight: float = Field(0.95, ge=0.0, le=1.0)
+    verify: Literal["exact", "estimate"] = Field(
+        "exact", description="check candidates by exact Jaccard, or by the signature estimate"
+    )
+
+
 FILTER_NAMES = ("nonempty", "not_truncated", "format")
 
 
@@ -163,6 +181,7 @@ class Job(Strict):
     )
     output: Output
     runtime: Runtime = Field(default_factory=Runtime)
+    dedupe: Dedupe = Field(default_factory=Dedupe)
     licenses: list[Terms] = Field(
         default_factory=list, description="terms to add to (or override in) the license registry"
     )
