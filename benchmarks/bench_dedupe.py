@@ -31,14 +31,21 @@ def make_docs(n: int, words: int = 200, dup_rate: float = 0.02, seed: int = 0) -
     prng = random.Random(seed)
     vocab = np.array(["".join(prng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(prng.randint(2, 9)))
                       for _ in range(50_000)], dtype=object)
-    idx = rng.integers(0, len(vocab), size=(n, words))
-    docs = [" ".join(vocab[row]) for row in idx]
+    docs = []
+    for start in range(0, n, 10_000):  # in blocks: a full (n x words) index array would dwarf the rest
+        idx = rng.integers(0, len(vocab), size=(min(10_000, n - start), words))
+        docs += [" ".join(vocab[row]) for row in idx]
     for i in rng.choice(n, size=int(n * dup_rate), replace=False):  # near-copies of another doc
         w = docs[(i + 1) % n].split()
         for k in rng.choice(words, size=4, replace=False):
             w[k] = vocab[rng.integers(0, len(vocab))]
         docs[i] = " ".join(w)
     return docs
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def rss_mb() -> tuple[float, float]:
@@ -80,7 +87,9 @@ def bench_big(n: int, workers: int) -> None:
     t = time.perf_counter()
     docs = make_docs(n)
     ids = [f"{i:012d}" for i in range(n)]
-    print(f"generated {n:,} docs in {time.perf_counter() - t:.1f} s (not counted)")
+    base = _rss_now_mb()
+    print(f"generated {n:,} docs in {time.perf_counter() - t:.1f} s (not counted); RSS with the documents "
+          f"loaded: {base:,.0f} MB")
     t = time.perf_counter()
     cl = mh.find_clusters(ids, docs, workers=workers)
     dt = time.perf_counter() - t
@@ -95,11 +104,18 @@ def main() -> None:
     p.add_argument("--rate-docs", type=int, default=100_000)
     p.add_argument("--big", type=int, default=500_000, help="documents for the big run (0 skips it)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--only-big", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.only_big:
+        bench_big(args.big, args.workers)
+        return
     print(f"python {sys.version.split()[0]}, cpus {os.cpu_count()}")
     bench_rate(args.rate_docs, args.workers)
-    if args.big:
-        bench_big(args.big, args.workers)
+    if args.big:  # in a fresh process, so its peak RSS is its own
+        import subprocess
+
+        subprocess.run([sys.executable, __file__, "--only-big", "--big", str(args.big),
+                        "--workers", str(args.workers)], check=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import numpy as np
 MASK32 = 0xFFFFFFFF
 _M1 = 0x9E3779B1  # n-gram combination multiplier (odd)
 _NONWORD = re.compile(r"[^\w\s]+")
+# The same classes for ASCII text, built from the regex itself so both paths agree.
+_ASCII_NONWORD = {c: " " for c in range(128) if _NONWORD.fullmatch(chr(c))}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class Shingling:
         return " ".join(self.words(text))
 
     def words(self, text: str) -> list[str]:
+        if text.isascii():  # the common case: NFKC is the identity, a table replaces the regex
+            if self.lowercase:
+                text = text.lower()
+            return (text.translate(_ASCII_NONWORD) if self.strip_punct else text).split()
         text = unicodedata.normalize("NFKC", text)
         if self.lowercase:
             text = text.lower()
@@ -57,8 +63,20 @@ class Shingling:
 
 # ------------------------------------------------------------------ shingle hashes
 
+_FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
+
+
+def word_hash(word: str) -> int:
+    """FNV-1 (32-bit) over the word's code points: simple enough to run inside the fused
+    numba kernel, so words never need a Python-level hash there."""
+    h = _FNV_OFFSET
+    for ch in word:
+        h = ((h * _FNV_PRIME) & MASK32) ^ ord(ch)
+    return h
+
+
 class _WordHasher:
-    """word -> 32-bit hash (blake2b), cached: text corpora repeat their words."""
+    """word -> ``word_hash(word)``, cached for the numpy path: corpora repeat their words."""
 
     def __init__(self, limit: int = 2_000_000):
         self.cache: dict[str, int] = {}
@@ -69,7 +87,7 @@ class _WordHasher:
         if h is None:
             if len(self.cache) >= self.limit:
                 self.cache.clear()
-            h = self.cache[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
+            h = self.cache[word] = word_hash(word)
         return h
 
     def many(self, words: list[str]) -> list[int]:
@@ -182,7 +200,90 @@ def _numba_kernel():
     return kernel
 
 
+def _numba_word_kernel():
+    """Word n-gram signatures straight from code points, in one pass per document:
+    FNV-1 word hashes -> n-gram combination -> fmix32 -> the num_perm minima."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(nogil=True, cache=False)
+    def kernel(cps, ends, n, a, b, out):  # pragma: no cover - compiled
+        mask = np.uint64(0xFFFFFFFF)
+        ring = np.zeros(64, dtype=np.uint64)
+        start = 0
+        for d in range(ends.shape[0]):
+            for p in range(a.shape[0]):
+                out[d, p] = np.uint32(0xFFFFFFFF)
+            words = 0
+            h = np.uint64(0x811C9DC5)
+            in_word = False
+            for i in range(start, ends[d] + 1):
+                c = np.uint64(cps[i]) if i < ends[d] else np.uint64(32)
+                space = c == 32 or (9 <= c <= 13) or (28 <= c <= 31)
+                if not space:
+                    h = ((h * np.uint64(0x01000193)) & mask) ^ c
+                    in_word = True
+                    continue
+                if not in_word:
+                    continue
+                ring[words % 64] = h
+                words += 1
+                h = np.uint64(0x811C9DC5)
+                in_word = False
+                if words < n:
+                    continue
+                g = ring[(words - n) % 64]
+                for k in range(1, n):
+                    g = ((g * np.uint64(0x9E3779B1)) & mask) ^ ring[(words - n + k) % 64]
+                _update(g, a, b, out, d)
+            if 0 < words < n:  # a document shorter than n: one shingle of all its words
+                g = ring[0]
+                for k in range(1, words):
+                    g = ((g * np.uint64(0x9E3779B1)) & mask) ^ ring[k]
+                _update(g, a, b, out, d)
+            start = ends[d]
+
+    @numba.njit(nogil=True, inline="always")
+    def _update(g, a, b, out, d):  # pragma: no cover - compiled
+        mask = np.uint64(0xFFFFFFFF)
+        x = g ^ (g >> np.uint64(16))
+        x = (x * np.uint64(0x85EBCA6B)) & mask
+        x = x ^ (x >> np.uint64(13))
+        x = (x * np.uint64(0xC2B2AE35)) & mask
+        x = x ^ (x >> np.uint64(16))
+        for p in range(a.shape[0]):
+            v = np.uint32((np.uint64(a[p]) * x + np.uint64(b[p])) & mask)
+            if v < out[d, p]:
+                out[d, p] = v
+
+    return kernel
+
+
 _KERNEL: Any = "unset"
+_WORD_KERNEL: Any = "unset"
+
+
+def _fused_word_signatures(texts: Sequence[str], cfg: Shingling, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    global _WORD_KERNEL
+    if _WORD_KERNEL == "unset":
+        _WORD_KERNEL = _numba_word_kernel()
+    if _WORD_KERNEL is None or cfg.n > 64:
+        return None
+    parts = []
+    for t in texts:
+        if t.isascii():  # words() without building the word list: the kernel splits
+            if cfg.lowercase:
+                t = t.lower()
+            parts.append(t.translate(_ASCII_NONWORD) if cfg.strip_punct else t)
+        else:  # non-ASCII: normalise in Python, rejoin with plain spaces
+            parts.append(" ".join(cfg.words(t)))
+    ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+    cps = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
+    out = np.empty((len(parts), len(a)), dtype=np.uint32)
+    _WORD_KERNEL(cps, ends, cfg.n, a, b, out)
+    return out
 
 
 def _minimums(h: np.ndarray, lens: np.ndarray, a: np.ndarray, b: np.ndarray, *, use_numba: bool | None) -> np.ndarray:
@@ -208,22 +309,74 @@ def _minimums(h: np.ndarray, lens: np.ndarray, a: np.ndarray, b: np.ndarray, *, 
     return out
 
 
+def _batch_hashes(texts: Sequence[str], cfg: Shingling) -> tuple[np.ndarray, np.ndarray]:
+    """Every shingle hash of a batch of documents, concatenated, and each document's count.
+
+    Word shingles are hashed for the whole batch at once (one array, n-gram windows that
+    cross a document boundary masked out) to avoid per-document numpy overhead.
+    """
+    if cfg.kind != "word":
+        parts = [shingle_hashes(t, cfg) for t in texts]
+        lens = np.array([len(p) for p in parts], dtype=np.int64)
+        return (np.concatenate(parts) if parts else np.empty(0, np.uint32)), lens
+    tokens: list[str] = []
+    counts = []
+    for t in texts:
+        w = cfg.words(t)
+        tokens += w
+        counts.append(len(w))
+    c = np.array(counts, dtype=np.int64)
+    u = np.array(_word_hash.many(tokens), dtype=np.uint32)
+    n = cfg.n
+    lens = np.where(c >= n, c - n + 1, np.minimum(c, 1))
+    if len(u) == 0:
+        return u, lens
+    with np.errstate(over="ignore"):
+        m = max(len(u) - n + 1, 0)
+        g = u[:m].copy()
+        for k in range(1, n):
+            g = (g * np.uint32(_M1)) ^ u[k:k + m]
+        starts = np.cumsum(c) - c
+        # window p belongs to the document holding token p; keep it if it ends inside it
+        doc = np.repeat(np.arange(len(c)), c)[:m]
+        keep = (np.arange(m) - starts[doc]) <= (c[doc] - n)
+        h = g[keep]
+    short = np.flatnonzero((c > 0) & (c < n))
+    if len(short):  # documents shorter than n: one shingle of all their words
+        pieces, at = [], 0
+        for d in range(len(c)):
+            if lens[d] == 0:
+                continue
+            if c[d] < n:
+                pieces.append(_ngram_hashes(u[starts[d]:starts[d] + c[d]], n))
+            else:
+                pieces.append(h[at:at + lens[d]])
+                at += lens[d]
+        h = np.concatenate(pieces)
+    return h, lens
+
+
 def signatures(texts: Iterable[str], cfg: Shingling, a: np.ndarray, b: np.ndarray, *,
                chunk: int = 512, use_numba: bool | None = None) -> np.ndarray:
     """(n_docs, num_perm) uint32 MinHash signatures, equal to datasketch's."""
     out = []
-    batch: list[np.ndarray] = []
+    batch: list[str] = []
 
     def flush() -> None:
-        lens = np.array([len(x) for x in batch], dtype=np.int64)
-        h = np.concatenate(batch) if batch else np.empty(0, np.uint32)
+        if cfg.kind == "word" and use_numba is not False and len(a):
+            fused = _fused_word_signatures(batch, cfg, a, b)
+            if fused is not None:
+                out.append(fused)
+                batch.clear()
+                return
+        h, lens = _batch_hashes(batch, cfg)
         with np.errstate(over="ignore"):
             h = _fmix32(h.astype(np.uint32))
         out.append(_minimums(h, lens, a, b, use_numba=use_numba if len(a) * len(h) > 0 else False))
         batch.clear()
 
     for text in texts:
-        batch.append(shingle_hashes(text, cfg))
+        batch.append(text)
         if len(batch) >= chunk:
             flush()
     if batch:
@@ -231,22 +384,37 @@ def signatures(texts: Iterable[str], cfg: Shingling, a: np.ndarray, b: np.ndarra
     return np.concatenate(out) if out else np.empty((0, len(a)), np.uint32)
 
 
-def _signature_job(args: tuple) -> np.ndarray:
-    texts, cfg, a, b = args
-    return signatures(texts, cfg, a, b)
+_SHARED: tuple | None = None  # (texts, cfg, a, b), inherited by forked workers, never pickled
+
+
+def _signature_job(span: tuple[int, int]) -> np.ndarray:
+    texts, cfg, a, b = _SHARED
+    return signatures(texts[span[0]:span[1]], cfg, a, b)
 
 
 def signatures_parallel(texts: Sequence[str], cfg: Shingling, a: np.ndarray, b: np.ndarray, *,
-                        workers: int = 1, chunk: int = 4096) -> np.ndarray:
-    """``signatures`` over ``workers`` processes (same result, in input order)."""
-    if workers <= 1 or len(texts) < 2 * chunk:
-        return signatures(texts, cfg, a, b)
+                        workers: int = 1, chunk: int = 8192) -> np.ndarray:
+    """``signatures`` over ``workers`` forked processes (same result, in input order).
+
+    The texts reach the workers through fork's copy-on-write memory, not through pickles.
+    """
+    global _SHARED
     import multiprocessing as mp
+
+    if workers <= 1 or len(texts) < 2 * chunk or "fork" not in mp.get_all_start_methods():
+        return signatures(texts, cfg, a, b)
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(list(texts[i:i + chunk]), cfg, a, b) for i in range(0, len(texts), chunk)]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        return np.concatenate(list(pool.map(_signature_job, jobs)))
+    _SHARED = (texts, cfg, a, b)
+    try:
+        spans = [(i, min(i + chunk, len(texts))) for i in range(0, len(texts), chunk)]
+        out = np.empty((len(texts), len(a)), dtype=np.uint32)  # filled as chunks arrive: no 2x peak
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for (lo, hi), part in zip(spans, pool.map(_signature_job, spans)):
+                out[lo:hi] = part
+        return out
+    finally:
+        _SHARED = None
 
 
 # ------------------------------------------------------------------ LSH + clusters
@@ -346,10 +514,10 @@ def find_clusters(ids: Sequence[str], texts: Sequence[str], *, cfg: Shingling = 
     n = len(sid)
     uf = UnionFind(n)
     # 1. exact duplicates of the normalised text, by content hash
-    first: dict[bytes, int] = {}
+    first: dict[int, int] = {}
     exact = 0
     for i, t in enumerate(stext):
-        key = hashlib.blake2b(cfg.normalise(t).encode(), digest_size=16).digest()
+        key = int.from_bytes(hashlib.blake2b(cfg.normalise(t).encode(), digest_size=12).digest(), "little")
         if key in first:
             uf.union(first[key], i)
             exact += 1

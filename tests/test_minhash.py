@@ -122,3 +122,19 @@ def test_kept_set_is_the_same_under_other_hash_seeds(tmp_path):
     outs = {subprocess.run([sys.executable, "-c", code % repo], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "777")}
     assert len(outs) == 1
+
+
+def test_parallel_signatures_equal_serial():
+    ids, texts = corpus(200, 2, seed=4)
+    texts = texts + ["", "one", "two words", "Ünïcödé text, with — punctuation!"] * 5
+    a, b = mh.permutations(128, 1)
+    cfg = mh.Shingling("word", 3)
+    serial = mh.signatures(texts, cfg, a, b, chunk=97)
+    parallel = mh.signatures_parallel(texts, cfg, a, b, workers=2, chunk=64)
+    assert np.array_equal(serial, parallel)
+
+
+def test_ascii_fast_path_tokenises_like_the_regex():
+    cfg = mh.Shingling("word", 1)
+    text = "Hello,world! it's_a test\\tof--the (fast) path; x=1+2 `code` ~tilde\x01ctrl"
+    assert cfg.words(text) == mh._NONWORD.sub(" ", text.lower()).split()
