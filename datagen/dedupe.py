@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen import minhash
-from datagen.config import Dedupe, Output
+from datagen.config import Dedupe
 from datagen.errors import OutputError
-from datagen.shards import ShardStore, atomic_write_text, sha256_file
+from datagen.shards import ShardStore, build_store
 
 
 def row_text(messages: list[dict[str, str]], response: str | None, on: str) -> str:
@@ -55,7 +53,7 @@ class DedupeResult:
 def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | None = None) -> DedupeResult:
     store = ShardStore.open(src)
     dest = dest or src / "dedupe"
-    if dest.exists():
+    if dest.exists():  # checked again when the view is renamed into place; this saves the work
         raise OutputError(f"dedupe destination exists: {dest}; remove it or pass --to")
     start = time.perf_counter()
     table = store.read("accepted", columns=["row_id", "messages", "response"])
@@ -93,31 +91,17 @@ def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | N
                for i in cl.kept()}
     del texts
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        meta = store.job_meta()
-        view_meta = {"name": meta["name"], "run_fingerprint": meta["run_fingerprint"], "job": meta.get("job"),
-                     "job_file": None, "dedupe": report["params"] | {"source": str(src)}}
-        view = ShardStore.create(tmp / "v", Output(path=tmp / "v", shard_rows=50_000), job_meta=view_meta)
-        try:
-            for row in store.iter_rows("accepted"):
-                if row["row_id"] in kept_of:
-                    row["dedupe_cluster"] = kept_of[row["row_id"]]
-                    view.add("accepted", row)
-            view.commit_all()
-            pq.write_table(pa.table({"row_id": ids, "cluster": cluster_id,
-                                     "kept": [cl.cluster_of[i] == i for i in range(len(ids))]}),
-                           view.root / "clusters.parquet", compression="zstd")
-            atomic_write_text(view.root / "report.json", json.dumps(report, indent=1))
-            view.manifest.data["files"] = {n: sha256_file(view.root / n) for n in ("clusters.parquet", "report.json")}
-            view.manifest.save()
-        finally:
-            view.close()
-        (view.root / ".datagen.lock").unlink(missing_ok=True)
-        os.rename(view.root, dest)
-    except OSError as exc:
-        raise OutputError(f"dedupe into {dest} failed: {exc}; nothing was written there") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    meta = store.job_meta()
+    view_meta = {"name": meta["name"], "run_fingerprint": meta["run_fingerprint"], "job": meta.get("job"),
+                 "job_file": None, "dedupe": report["params"] | {"source": str(src)}}
+    with build_store(dest, view_meta) as view:
+        for row in store.iter_rows("accepted"):
+            if row["row_id"] in kept_of:
+                row["dedupe_cluster"] = kept_of[row["row_id"]]
+                view.add("accepted", row)
+        pq.write_table(pa.table({"row_id": ids, "cluster": cluster_id,
+                                 "kept": [cl.cluster_of[i] == i for i in range(len(ids))]}),
+                       view.root / "clusters.parquet", compression="zstd")
+        view.attach("clusters.parquet")
+        view.attach("report.json", json.dumps(report, indent=1))
     return DedupeResult(dest=dest, rows=len(ids), kept=len(cl.kept()), report=report)

@@ -13,16 +13,13 @@ The export is itself a datagen output directory (manifest with sha256 per shard,
   sizes, teachers, the generation config; no secrets: keys are only ever env-var names),
 * ``NOTICE`` when any selected terms carry a notice or attribution duty.
 
-It is built in a temporary directory beside the destination and renamed into place at
-the end, so a failed export leaves nothing half-written.
+It is built beside the destination and renamed into place at the end
+(``shards.build_store``), so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +28,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from datagen.config import Output
 from datagen.errors import OutputError
 from datagen.licenses import CLASSES, Registry
-from datagen.shards import ShardStore, atomic_write_text, sha256_file
+from datagen.shards import ShardStore, build_store
 
 
 @dataclass
@@ -90,37 +86,21 @@ def export(src: Path, dest: Path, *, license_class: str | None = None, allow: li
                           "(the reason is written into the dataset card)")
 
     # Pass 2: stream the selected rows into a new store, beside the destination.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        out_meta = {
-            "name": meta["name"], "run_fingerprint": meta["run_fingerprint"],
-            "job": meta.get("job"), "job_file": None,
-            "export": {"source": str(src), "license_class": license_class, "allow": allow,
-                       "override": allow_incompatible, "conflicts": res.conflicts},
-        }
-        out = ShardStore.create(tmp / "d", Output(path=tmp / "d", shard_rows=shard_rows), job_meta=out_meta)
-        try:
-            for row in store.iter_rows("accepted"):
-                if allowed(row["license"])[0]:
-                    out.add("accepted", row)
-            out.commit_all()
-            files = {"README.md": _card(out, meta, registry, res, license_class, allow, allow_incompatible)}
-            notice = _notice(registry, res.licenses, meta)
-            if notice:
-                files["NOTICE"] = notice
-            for name, text in files.items():
-                atomic_write_text(out.root / name, text)
-            out.manifest.data["files"] = {name: sha256_file(out.root / name) for name in files}
-            out.manifest.save()
-        finally:
-            out.close()
-        (out.root / ".datagen.lock").unlink(missing_ok=True)
-        os.rename(out.root, dest)
-    except OSError as exc:
-        raise OutputError(f"export to {dest} failed: {exc}; nothing was written there") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_meta = {
+        "name": meta["name"], "run_fingerprint": meta["run_fingerprint"],
+        "job": meta.get("job"), "job_file": None,
+        "export": {"source": str(src), "license_class": license_class, "allow": allow,
+                   "override": allow_incompatible, "conflicts": res.conflicts},
+    }
+    with build_store(dest, out_meta, shard_rows=shard_rows) as out:
+        for row in store.iter_rows("accepted"):
+            if allowed(row["license"])[0]:
+                out.add("accepted", row)
+        out.commit_all()
+        out.attach("README.md", _card(out, meta, registry, res, license_class, allow, allow_incompatible))
+        notice = _notice(registry, res.licenses, meta)
+        if notice:
+            out.attach("NOTICE", notice)
     return res
 
 

@@ -32,9 +32,12 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +375,12 @@ class ShardStore:
     def add(self, stream: str, row: dict[str, Any]) -> None:
         self.writers[stream].add(row)
 
+    def attach(self, name: str, text: str | None = None) -> None:
+        """Record a side file (written already, or now from ``text``) with its checksum."""
+        if text is not None:
+            atomic_write_text(self.root / name, text)
+        self.manifest.data.setdefault("files", {})[name] = sha256_file(self.root / name)
+
     def commit_due(self) -> None:
         for w in self.writers.values():
             if w.due():
@@ -401,3 +410,34 @@ class ShardStore:
         for path in self.manifest.files(stream):
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
                 yield from batch.to_pylist()
+
+
+@contextmanager
+def build_store(dest: Path, job_meta: dict[str, Any], *, shard_rows: int = 50_000) -> Iterator[ShardStore]:
+    """A new store for a derived dataset (export, dedupe view): built in a temporary
+    directory beside ``dest``, renamed into place only when the block finishes, so a
+    failure leaves nothing at ``dest``. Shards still buffered are committed at the end;
+    files added with ``attach`` are checksummed in the manifest."""
+    from datagen.config import Output
+
+    if dest.exists():
+        raise OutputError(f"destination exists: {dest}; choose a new path")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create {dest}: {exc}") from None
+    try:
+        store = ShardStore.create(tmp / "s", Output(path=tmp / "s", shard_rows=shard_rows), job_meta=job_meta)
+        try:
+            yield store
+            store.commit_all()
+            store.manifest.save()
+        finally:
+            store.close()
+        (store.root / LOCK_FILE).unlink(missing_ok=True)
+        os.rename(store.root, dest)
+    except OSError as exc:
+        raise OutputError(f"writing {dest} failed: {exc}; nothing was written there") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
