@@ -73,6 +73,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     root = Path(args.output_dir).resolve()
     meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
+    derived = next((k for k in ("export", "dedupe") if k in meta), None)
+    if derived:
+        raise DatagenError(f"{root} is a derived dataset (made by `datagen {derived}`), not a run; "
+                           "resume the run it came from instead")
     job_path = Path(meta["job_file"]) if meta.get("job_file") else None
     job = parse_job(meta["job"], where=str(root / JOB_FILE), base_dir=root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
@@ -122,7 +126,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_dedupe(args: argparse.Namespace) -> int:
-    from datagen.config import Dedupe
+    from pydantic import ValidationError
+
+    from datagen.config import Dedupe, format_validation_error
     from datagen.dedupe import dedupe
     from datagen.shards import ShardStore
 
@@ -132,8 +138,11 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     for key in ("on", "threshold", "num_perm", "shingle", "ngram", "verify"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    res = dedupe(src, Dedupe.model_validate(settings), dest=Path(args.to).resolve() if args.to else None,
-                 workers=args.workers)
+    try:
+        cfg = Dedupe.model_validate(settings)
+    except ValidationError as exc:
+        raise DatagenError(format_validation_error(exc, where="dedupe settings")) from None
+    res = dedupe(src, cfg, dest=Path(args.to).resolve() if args.to else None, workers=args.workers)
     r = res.report
     print(f"{res.rows} rows -> {res.kept} kept ({r['removed']} removed: {r['exact_duplicates']} exact, "
           f"{r['verified_pairs']} near-duplicate pairs); cluster sizes {r['cluster_sizes']}; "

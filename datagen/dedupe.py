@@ -58,6 +58,8 @@ def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | N
     start = time.perf_counter()
     table = store.read("accepted", columns=["row_id", "messages", "response"])
     ids = table.column("row_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise OutputError(f"{src}: the accepted stream repeats row ids; `datagen verify {src}` first")
     texts = [row_text(m, r, cfg.on) for m, r in zip(table.column("messages").to_pylist(),
                                                      table.column("response").to_pylist())]
     del table
@@ -65,14 +67,14 @@ def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | N
                                   strip_punct=cfg.strip_punct)
     cl = minhash.find_clusters(ids, texts, cfg=shingling, threshold=cfg.threshold, num_perm=cfg.num_perm,
                                seed=cfg.seed, fp_weight=cfg.fp_weight, fn_weight=cfg.fn_weight,
-                               verify=cfg.verify, workers=workers or os.cpu_count() or 1)
+                               verify=cfg.verify, workers=workers or len(os.sched_getaffinity(0)))
     bands, rows = minhash.lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
     sizes = Counter(cl.sizes().values())
     cluster_id = [ids[c] for c in cl.cluster_of]
     multi = {c for c, n in cl.sizes().items() if n > 1}
     examples = []
     for c in sorted(multi, key=lambda c: ids[c])[:5]:
-        members = [i for i, x in enumerate(cl.cluster_of) if x == c]
+        members = sorted((i for i, x in enumerate(cl.cluster_of) if x == c), key=ids.__getitem__)
         examples.append({"cluster": ids[c], "size": len(members), "kept": texts[c][:300],
                          "removed": [texts[i][:300] for i in members if i != c][:2]})
     report = {

@@ -14,7 +14,8 @@ is installed, which the ``cpu``/``gpu`` extras bring; a chunked numpy path other
 
 LSH banding uses datasketch's ``_optimal_param`` to choose bands and rows from the
 false-positive / false-negative weights, then groups documents whose band slices are
-equal. Candidates are verified (exact Jaccard of the shingle sets by default, or the
+equal. Candidates are verified (exact Jaccard of the sets of 32-bit shingle hashes by
+default -- a hash collision moves one pair's Jaccard by at most 1/|union| -- or the
 signature estimate), and verified pairs are joined with union-find.
 
 The kept row of each cluster is the one with the smallest row id. The clusters depend
@@ -27,13 +28,15 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 MASK32 = 0xFFFFFFFF
+BIG_BUCKET = 256  # above this, a bucket is walked cluster by cluster (see find_clusters)
+BIG_BUCKET_TRIES = 8
 _M1 = 0x9E3779B1  # n-gram combination multiplier (odd)
 _NONWORD = re.compile(r"[^\w\s]+")
 # The same classes for ASCII text, built from the regex itself so both paths agree.
@@ -155,7 +158,7 @@ def shingle_hashes(text: str, cfg: Shingling) -> np.ndarray:
         if cfg.kind == "word":
             units = np.array(_word_hash.many(cfg.words(text)), dtype=np.uint32)
         else:
-            units = np.frombuffer(cfg.normalise(text).encode("utf-32-le"), dtype=np.uint32)
+            units = np.frombuffer(cfg.normalise(text).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         return _ngram_hashes(units, cfg.n)
 
 
@@ -280,7 +283,7 @@ def _fused_word_signatures(texts: Sequence[str], cfg: Shingling, a: np.ndarray, 
         else:  # non-ASCII: normalise in Python, rejoin with plain spaces
             parts.append(" ".join(cfg.words(t)))
     ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
-    cps = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
+    cps = np.frombuffer("".join(parts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     out = np.empty((len(parts), len(a)), dtype=np.uint32)
     _WORD_KERNEL(cps, ends, cfg.n, a, b, out)
     return out
@@ -298,14 +301,22 @@ def _minimums(h: np.ndarray, lens: np.ndarray, a: np.ndarray, b: np.ndarray, *, 
             return out
         if use_numba:
             raise RuntimeError("numba is not installed")
-    # numpy: one (shingles x perms) block per chunk of documents; empty docs stay at max.
+    # numpy: (shingles x perms) blocks of at most ~4M values; empty docs stay at max.
     out.fill(MASK32)
-    nonempty = lens > 0
-    if nonempty.any():
-        starts = (ends - lens)[nonempty]
-        with np.errstate(over="ignore"):
-            phv = h[:, None] * a[None, :] + b[None, :]
-        out[nonempty] = np.minimum.reduceat(phv, starts, axis=0)
+    lo = 0
+    while lo < len(lens):
+        hi, budget = lo, max(1, (1 << 22) // max(len(a), 1))
+        while hi < len(lens) and (hi == lo or ends[hi] - (ends[lo] - lens[lo]) <= budget):
+            hi += 1
+        sub = lens[lo:hi]
+        nonempty = sub > 0
+        if nonempty.any():
+            base = ends[lo] - lens[lo]
+            starts = (ends[lo:hi] - sub)[nonempty] - base
+            with np.errstate(over="ignore"):
+                phv = h[base:ends[hi - 1], None] * a[None, :] + b[None, :]
+            out[lo:hi][nonempty] = np.minimum.reduceat(phv, starts, axis=0)
+        lo = hi
     return out
 
 
@@ -403,15 +414,29 @@ def signatures_parallel(texts: Sequence[str], cfg: Shingling, a: np.ndarray, b: 
 
     if workers <= 1 or len(texts) < 2 * chunk or "fork" not in mp.get_all_start_methods():
         return signatures(texts, cfg, a, b)
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    signatures(texts[:1], cfg, a, b)  # compile the kernel once, before the fork copies it
     _SHARED = (texts, cfg, a, b)
     try:
         spans = [(i, min(i + chunk, len(texts))) for i in range(0, len(texts), chunk)]
-        out = np.empty((len(texts), len(a)), dtype=np.uint32)  # filled as chunks arrive: no 2x peak
+        out = np.empty((len(texts), len(a)), dtype=np.uint32)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            for (lo, hi), part in zip(spans, pool.map(_signature_job, spans)):
-                out[lo:hi] = part
+            # A window of 2 chunks per worker in flight: results never pile up in memory.
+            pending: dict[Any, tuple[int, int]] = {}
+            todo = iter(spans)
+            for span in todo:
+                pending[pool.submit(_signature_job, span)] = span
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    lo, hi = pending.pop(fut)
+                    out[lo:hi] = fut.result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending[pool.submit(_signature_job, nxt)] = nxt
         return out
     finally:
         _SHARED = None
@@ -439,9 +464,8 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray) -> set[tuple[int, int]]:
-    """Index pairs (i < j) that share a bucket in at least one band."""
-    pairs: set[tuple[int, int]] = set()
+def buckets(keys: np.ndarray) -> Iterator[list[int]]:
+    """Sorted members of every bucket that holds two or more documents, band by band."""
     n = keys.shape[0]
     for band in range(keys.shape[1]):
         col = keys[:, band]
@@ -450,8 +474,15 @@ def candidate_pairs(keys: np.ndarray) -> set[tuple[int, int]]:
         starts = np.concatenate(([0], np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1))
         lengths = np.diff(np.concatenate((starts, [n])))
         for s, length in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
-            g = sorted(order[s:s + length].tolist())
-            pairs.update((g[i], g[j]) for i in range(length) for j in range(i + 1, length))
+            yield sorted(order[s:s + length].tolist())
+
+
+def candidate_pairs(keys: np.ndarray) -> set[tuple[int, int]]:
+    """Index pairs (i < j) that share a bucket in at least one band (small inputs only:
+    quadratic in bucket size; ``find_clusters`` walks buckets without building this)."""
+    pairs: set[tuple[int, int]] = set()
+    for g in buckets(keys):
+        pairs.update((g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g)))
     return pairs
 
 
@@ -508,16 +539,22 @@ def find_clusters(ids: Sequence[str], texts: Sequence[str], *, cfg: Shingling = 
     The documents are sorted by id first, so the result depends only on the set of
     (id, text) pairs, not on their order.
     """
+    if len(set(ids)) != len(ids):
+        raise ValueError("find_clusters needs unique ids")
     order = sorted(range(len(ids)), key=lambda i: ids[i])
-    sid = [ids[i] for i in order]
     stext = [texts[i] for i in order]
-    n = len(sid)
+    n = len(stext)
     uf = UnionFind(n)
-    # 1. exact duplicates of the normalised text, by content hash
+    # 1. exact duplicates of the normalised text, by content hash. A text with no words
+    #    left (empty, punctuation, emoji) has no shingles and is nobody's duplicate.
     first: dict[int, int] = {}
     exact = 0
     for i, t in enumerate(stext):
-        key = int.from_bytes(hashlib.blake2b(cfg.normalise(t).encode(), digest_size=12).digest(), "little")
+        norm = cfg.normalise(t)
+        if len(norm) == 0:
+            continue
+        key = int.from_bytes(hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=12).digest(),
+                             "little")
         if key in first:
             uf.union(first[key], i)
             exact += 1
@@ -531,25 +568,55 @@ def find_clusters(ids: Sequence[str], texts: Sequence[str], *, cfg: Shingling = 
            else signatures_parallel(rep_texts, cfg, a, b, workers=workers))
     del rep_texts
     bands, rows = lsh_params(threshold, num_perm, fp_weight, fn_weight)
-    cands = candidate_pairs(band_keys(sig, bands, rows))
     edges: set[tuple[int, int]] = set()
-    sets: dict[int, set] = {}
-    for x, y in sorted(cands):
+    checked: set[tuple[int, int]] = set()
+    sets: dict[int, np.ndarray] = {}  # sorted unique shingle hashes: ~1 KB a document, not ~30 KB
+
+    def similar(x: int, y: int) -> bool:
+        """Verify candidate (x, y), indices into ``reps``; each pair is checked once."""
+        if (x, y) in checked:
+            return (reps[x], reps[y]) in edges
+        checked.add((x, y))
         i, j = reps[x], reps[y]
         if verify == "exact":
             for k in (i, j):
                 if k not in sets:
-                    sets[k] = set(shingles(stext[k], cfg))
-            ok = jaccard(sets[i], sets[j]) >= threshold
+                    sets[k] = np.unique(shingle_hashes(stext[k], cfg))
+            inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
+            union = len(sets[i]) + len(sets[j]) - inter
+            ok = (inter / union if union else 1.0) >= threshold
         else:
             ok = float(np.mean(sig[x] == sig[y])) >= threshold
         if ok:
             edges.add((i, j))
             uf.union(i, j)
+        return ok
+
+    for members in buckets(band_keys(sig, bands, rows)):
+        if len(members) <= BIG_BUCKET:  # every pair: the common case, exact
+            for jj in range(1, len(members)):
+                for ii in range(jj):
+                    similar(members[ii], members[jj])
+            continue
+        # A huge bucket (templated answers): compare each member with a few members of
+        # each cluster seen so far in the bucket, not with every member.
+        groups: dict[int, list[int]] = {}  # cluster root -> bucket members in it, in id order
+        for y in members:
+            for root in sorted(groups):
+                if uf.find(reps[y]) == uf.find(root):
+                    continue
+                for x in groups[root][:BIG_BUCKET_TRIES]:
+                    if similar(x, y):
+                        break
+            merged: dict[int, list[int]] = {}
+            for root, xs in groups.items():  # unions above may have joined groups
+                merged.setdefault(uf.find(root), []).extend(xs)
+            merged.setdefault(uf.find(reps[y]), []).append(y)
+            groups = merged
     roots = [uf.find(i) for i in range(n)]  # the root is the smallest index = smallest id
     cluster_of = [0] * n
     for pos, i in enumerate(order):
         cluster_of[i] = order[roots[pos]]
     orig_edges = {tuple(sorted((order[i], order[j]))) for i, j in edges}
     return Clusters(ids=list(ids), cluster_of=cluster_of, edges=orig_edges, exact_duplicates=exact,
-                    candidates=len(cands))
+                    candidates=len(checked))

@@ -73,3 +73,14 @@ def test_dedupe_on_prompt_vs_response(tmp_path):
     assert by_prompt.returncode == 0 and by_response.returncode == 0, by_prompt.stderr + by_response.stderr
     assert ShardStore.open(tmp_path / "p").manifest.counts()["accepted"] == 1
     assert ShardStore.open(tmp_path / "r").manifest.counts()["accepted"] == 3
+
+
+def test_a_view_cannot_be_resumed_and_bad_settings_get_one_line(tmp_path):
+    ids, texts = corpus(10, 1, seed=1)
+    src = _store(tmp_path, ids, texts)
+    bad = datagen("dedupe", str(src), "--threshold", "1.5")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: dedupe settings: threshold")
+    assert "Traceback" not in bad.stderr
+    assert datagen("dedupe", str(src)).returncode == 0
+    res = datagen("resume", str(src / "dedupe"))
+    assert res.returncode == 1 and "derived dataset" in res.stderr

@@ -138,3 +138,39 @@ def test_ascii_fast_path_tokenises_like_the_regex():
     cfg = mh.Shingling("word", 1)
     text = "Hello,world! it's_a test\\tof--the (fast) path; x=1+2 `code` ~tilde\x01ctrl"
     assert cfg.words(text) == mh._NONWORD.sub(" ", text.lower()).split()
+
+
+def test_a_huge_bucket_of_templated_answers_is_linear_not_quadratic():
+    rng = random.Random(2)
+    vocab = _vocab(rng)
+    base = [rng.choice(vocab) for _ in range(200)]
+    ids, texts = [], []
+    for i in range(3000):  # 3000 near-identical answers: 4.5M pairs if compared pairwise
+        w = list(base)
+        w[rng.randrange(200)] = rng.choice(vocab)
+        ids.append(f"t{i:05d}")
+        texts.append(" ".join(w))
+    cl = mh.find_clusters(ids, texts)
+    assert len(set(cl.cluster_of)) == 1 and cl.kept() == [0]
+    assert cl.candidates < 100_000  # checked pairs: far from 4.5M
+
+
+def test_texts_without_words_are_nobodys_duplicates():
+    cl = mh.find_clusters(list("abcde"), ["", "!!!", "👍", "❤️ 🙏", "real words here"])
+    assert cl.cluster_of == [0, 1, 2, 3, 4]
+
+
+def test_duplicate_ids_are_refused():
+    with pytest.raises(ValueError, match="unique ids"):
+        mh.find_clusters(["x", "x"], ["a b c", "a b c"])
+
+
+def test_numpy_path_splits_big_batches_and_still_agrees():
+    # 512 docs x ~118 shingles x 128 perms is over the numpy path's ~4M-value block,
+    # so this batch is split; the result must not change.
+    _, texts = corpus(300, 1, seed=8)
+    texts[5] = ""  # an empty doc inside a split batch
+    a, b = mh.permutations(128, 1)
+    cfg = mh.Shingling("word", 3)
+    assert np.array_equal(mh.signatures(texts, cfg, a, b, use_numba=False, chunk=512),
+                          mh.signatures(texts, cfg, a, b, use_numba=True, chunk=512))
