@@ -166,6 +166,10 @@ class Dedupe(Strict):
     verify: Literal["exact", "estimate"] = Field(
         "exact", description="check candidates by exact Jaccard, or by the signature estimate"
     )
+    streaming: bool = Field(
+        False, description="dedupe during `datagen run` (index on Ray actors); the view lands in OUT/dedupe"
+    )
+    actors: int = Field(2, ge=1, le=256, description="index actors for streaming mode (bands are split over them)")
 
 
 FILTER_NAMES = ("nonempty", "not_truncated", "format")

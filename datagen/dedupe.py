@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class DedupeResult:
 
 
 def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | None = None) -> DedupeResult:
+    """Batch mode: cluster the committed accepted rows of ``src`` and write the view."""
     store = ShardStore.open(src)
     dest = dest or src / "dedupe"
     if dest.exists():  # checked again when the view is renamed into place; this saves the work
@@ -63,47 +65,72 @@ def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | N
     texts = [row_text(m, r, cfg.on) for m, r in zip(table.column("messages").to_pylist(),
                                                      table.column("response").to_pylist())]
     del table
-    shingling = minhash.Shingling(kind=cfg.shingle, n=cfg.ngram, lowercase=cfg.lowercase,
-                                  strip_punct=cfg.strip_punct)
-    cl = minhash.find_clusters(ids, texts, cfg=shingling, threshold=cfg.threshold, num_perm=cfg.num_perm,
+    cl = minhash.find_clusters(ids, texts, cfg=shingling(cfg), threshold=cfg.threshold, num_perm=cfg.num_perm,
                                seed=cfg.seed, fp_weight=cfg.fp_weight, fn_weight=cfg.fn_weight,
                                verify=cfg.verify, workers=workers or len(os.sched_getaffinity(0)))
-    bands, rows = minhash.lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
-    sizes = Counter(cl.sizes().values())
-    cluster_id = [ids[c] for c in cl.cluster_of]
-    multi = {c for c, n in cl.sizes().items() if n > 1}
+    roots = {ids[i]: ids[c] for i, c in enumerate(cl.cluster_of)}
+    text_of = dict(zip(ids, texts))
+    del texts
+    stats = {"mode": "batch", "exact_duplicates": cl.exact_duplicates, "candidate_pairs": cl.candidates,
+             "verified_pairs": len(cl.edges), "seconds": round(time.perf_counter() - start, 3)}
+    return write_view(store, roots, cfg, dest=dest, stats=stats, text_of=text_of)
+
+
+def shingling(cfg: Dedupe) -> minhash.Shingling:
+    return minhash.Shingling(kind=cfg.shingle, n=cfg.ngram, lowercase=cfg.lowercase, strip_punct=cfg.strip_punct)
+
+
+def write_view(store: ShardStore, roots: dict[str, str], cfg: Dedupe, *, dest: Path, stats: dict[str, Any],
+               text_of: dict[str, str] | None = None, replace: bool = False) -> DedupeResult:
+    """Write the deduplicated view of ``store``'s accepted rows, given each row id's cluster
+    root (its smallest member). ``replace`` swaps out an older view (streaming mode)."""
+    ids = sorted(roots)
+    sizes_by_root = Counter(roots.values())
+    multi = {r for r, n in sizes_by_root.items() if n > 1}
+    members: dict[str, list[str]] = {}
+    for rid in ids:
+        if roots[rid] in multi:
+            members.setdefault(roots[rid], []).append(rid)
     examples = []
-    for c in sorted(multi, key=lambda c: ids[c])[:5]:
-        members = sorted((i for i, x in enumerate(cl.cluster_of) if x == c), key=ids.__getitem__)
-        examples.append({"cluster": ids[c], "size": len(members), "kept": texts[c][:300],
-                         "removed": [texts[i][:300] for i in members if i != c][:2]})
+    for root in sorted(multi)[:5]:
+        ex: dict[str, Any] = {"cluster": root, "size": len(members[root])}
+        if text_of is not None:
+            ex["kept"] = text_of[root][:300]
+            ex["removed"] = [text_of[r][:300] for r in members[root] if r != root][:2]
+        examples.append(ex)
+    bands, rows = minhash.lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
+    kept = [r for r in ids if roots[r] == r]
     report = {
-        "source": str(src), "rows": len(ids), "kept": len(cl.kept()), "removed": len(ids) - len(cl.kept()),
-        "exact_duplicates": cl.exact_duplicates, "candidate_pairs": cl.candidates,
-        "verified_pairs": len(cl.edges),
-        "cluster_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "source": str(store.root), "rows": len(ids), "kept": len(kept), "removed": len(ids) - len(kept),
+        **stats,
+        "cluster_sizes": {str(k): v for k, v in sorted(Counter(sizes_by_root.values()).items())},
         "keep_rule": "smallest row_id of each cluster",
         "params": {"on": cfg.on, "threshold": cfg.threshold, "num_perm": cfg.num_perm, "seed": cfg.seed,
                    "bands": bands, "rows_per_band": rows, "shingle": cfg.shingle, "ngram": cfg.ngram,
                    "lowercase": cfg.lowercase, "strip_punct": cfg.strip_punct, "verify": cfg.verify},
-        "seconds": round(time.perf_counter() - start, 3),
         "examples": examples,
     }
-    kept_of = {ids[i]: (cluster_id[i] if cl.cluster_of[i] in multi else None)
-               for i in cl.kept()}
-    del texts
-
     meta = store.job_meta()
     view_meta = {"name": meta["name"], "run_fingerprint": meta["run_fingerprint"], "job": meta.get("job"),
-                 "job_file": None, "dedupe": report["params"] | {"source": str(src)}}
-    with build_store(dest, view_meta) as view:
+                 "job_file": None, "dedupe": report["params"] | {"source": str(store.root)}}
+    target = dest.with_name(f".{dest.name}.new") if replace else dest
+    if replace and target.exists():
+        shutil.rmtree(target)
+    with build_store(target, view_meta) as view:
         for row in store.iter_rows("accepted"):
-            if row["row_id"] in kept_of:
-                row["dedupe_cluster"] = kept_of[row["row_id"]]
+            rid = row["row_id"]
+            if roots.get(rid) == rid:
+                row["dedupe_cluster"] = rid if rid in multi else None
                 view.add("accepted", row)
-        pq.write_table(pa.table({"row_id": ids, "cluster": cluster_id,
-                                 "kept": [cl.cluster_of[i] == i for i in range(len(ids))]}),
+        pq.write_table(pa.table({"row_id": ids, "cluster": [roots[r] for r in ids],
+                                 "kept": [roots[r] == r for r in ids]}),
                        view.root / "clusters.parquet", compression="zstd")
         view.attach("clusters.parquet")
         view.attach("report.json", json.dumps(report, indent=1))
-    return DedupeResult(dest=dest, rows=len(ids), kept=len(cl.kept()), report=report)
+    if replace:  # swap: the old view is removed only once the new one is complete
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(target, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    return DedupeResult(dest=dest, rows=len(ids), kept=len(kept), report=report)

@@ -65,6 +65,8 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
         overall = store.manifest.reasons(stream)
         for reason, n in sorted(overall.items(), key=lambda kv: -kv[1]):
             t.add_row(f"  {reason}", str(stats.reasons[(stream, reason)]), str(n))
+    if stats.unique is not None:
+        t.add_row("unique (dedupe view)", "", str(stats.unique))
     secs = max(stats.generating_s, 1e-9)
     t.add_row("prompt tokens", str(stats.prompt_tokens), "")
     t.add_row("completion tokens", str(stats.completion_tokens), "")

@@ -45,6 +45,7 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     interrupted: bool = False
+    unique: int | None = None  # accepted rows left after streaming dedupe, when it ran
 
     @property
     def generated(self) -> int:
@@ -281,16 +282,19 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
             if started_ray:
                 _check_resources(job)
             actors = _Actors(job)
+            dedup = _start_dedupe(job, store) if job.dedupe.streaming else None
             if on_progress:
                 on_progress(stats)
             if actors.wait_started(job.runtime.startup_timeout_s, lambda: stop.set):
                 stats.teachers_ready = time.monotonic()
                 _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop,
-                       on_progress)
+                       on_progress, dedup)
             stats.interrupted = stop.set
             # Rows already received are complete: commit them. In-flight batches are not
             # committed; `datagen resume` regenerates them under the same ids.
             store.commit_all()
+            if dedup is not None and not stats.interrupted:
+                _finish_dedupe(job, store, dedup, stats)
     except DatagenError as exc:
         # Commit what was received before stopping, unless writing is what broke.
         if not isinstance(exc, OutputError):
@@ -311,6 +315,29 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
     return stats
 
 
+def _start_dedupe(job: Job, store: ShardStore):
+    """Streaming dedupe index, rebuilt from the rows already committed (resume)."""
+    from datagen.dedupe import row_text
+    from datagen.dedupe_stream import StreamingDedupe
+
+    dedup = StreamingDedupe(job.dedupe)
+    for row in store.iter_rows("accepted"):
+        dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
+    dedup.flush()
+    return dedup
+
+
+def _finish_dedupe(job: Job, store: ShardStore, dedup: Any, stats: RunStats) -> None:
+    from datagen.dedupe import write_view
+
+    started = time.perf_counter()
+    roots = dedup.roots()
+    write_view(store, roots, job.dedupe, dest=store.root / "dedupe", replace=True,
+               stats={"mode": "streaming", "candidate_pairs": dedup.checked, "actors": len(dedup.actors),
+                      "seconds_at_end": round(time.perf_counter() - started, 3)})
+    stats.unique = sum(1 for r, root in roots.items() if r == root)
+
+
 def _commit_quietly(store: ShardStore) -> None:
     try:
         store.commit_all()
@@ -318,9 +345,12 @@ def _commit_quietly(store: ShardStore) -> None:
         pass
 
 
-def _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop, on_progress) -> None:
+def _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop, on_progress,
+           dedup=None) -> None:
     """The loop: fill free actor slots, wait for one batch, route its rows, commit when due."""
     import ray
+
+    from datagen.dedupe import row_text
 
     pending = _batches(stream, done, stats)
     buffers: dict[str, list[Request]] = {name: [] for name in teachers}
@@ -391,6 +421,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
                     stats.prompt_tokens += gen["prompt_tokens"] or 0
                     stats.completion_tokens += gen["completion_tokens"] or 0
                 store.add(stream_name, row)
+                if dedup is not None and stream_name == "accepted":
+                    dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
                 stats.counts[stream_name] += 1
                 if reason:
                     stats.reasons[(stream_name, reason)] += 1
