@@ -103,3 +103,30 @@ def test_streaming_index_survives_kill_and_resume(tmp_path, dup_server):
     res = datagen("resume", str(out))
     assert res.returncode == 0, res.stderr
     assert _kept(out / "dedupe") == expected
+
+
+def test_streaming_index_is_order_independent_and_equals_batch():
+    import ray
+
+    from datagen import minhash as mh
+    from datagen.config import Dedupe
+    from datagen.dedupe_stream import StreamingDedupe
+
+    from .test_minhash import corpus
+
+    ids, texts = corpus(120, 3, seed=21)
+    ids = [f"{i * 7919:032x}" for i in range(len(ids))]  # hex ids, like real row ids
+    batch = mh.find_clusters(ids, texts)
+    expected = {ids[i] for i in batch.kept()}
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        for actors, seed in ((1, 0), (3, 1), (2, 2)):
+            order = list(range(len(ids)))
+            random.Random(seed).shuffle(order)
+            sd = StreamingDedupe(Dedupe(actors=actors))
+            for i in order:
+                sd.add(ids[i], texts[i])
+            roots = sd.roots()
+            assert {r for r, root in roots.items() if r == root} == expected
+    finally:
+        ray.shutdown()
