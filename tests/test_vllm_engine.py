@@ -63,6 +63,13 @@ def test_engine_direct_logprobs_seeds_and_overlong_prompt():
         "sampling": {"temperature": 0.8, "max_tokens": 24, "logprobs": 20},
     })
     teacher = VLLMEngineTeacher(cfg)
+    try:
+        _check_engine(teacher)
+    finally:
+        teacher.close()  # or the engine's processes can hold up pytest's exit
+
+
+def _check_engine(teacher) -> None:
     ask = [{"role": "user", "content": "Name three colours."}]
     long = [{"role": "user", "content": "word " * 2000}]
     reqs = [{"row_id": "a", "messages": ask, "seed": 11}, {"row_id": "b", "messages": long, "seed": 1},

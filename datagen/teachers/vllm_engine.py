@@ -72,6 +72,13 @@ class VLLMEngineTeacher:
             self.tokenizer.get_vocab(), getattr(self.tokenizer, "special_tokens_map", None)
         )
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now. (In a Ray actor they go with the
+        actor; in-process users must call this, or interpreter exit can wait on them.)"""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.cfg.name, "backend": "vllm", "model": self.cfg.model,
