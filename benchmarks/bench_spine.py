@@ -8,7 +8,8 @@
              writer streams instead of buffering.
 2. pipeline: rows/s through the whole driver (Ray actors, openai client, filters,
              commits) against the fake server answering instantly: the ceiling the
-             spine itself puts on a fast teacher.
+             spine itself puts on a fast teacher. Run at N and 10N rows, with the
+             driver's own peak RSS: flat memory means backpressure works.
 3. vllm:     rows/s and completion tokens/s of the quickstart job on the embedded
              SmolLM2-135M teacher (CPU), engine start-up reported separately.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import resource
@@ -102,14 +104,26 @@ def bench_pipeline(rows: int) -> None:
             "name": "bench", "prompts": {"template": "t.yaml"},
             "teachers": [{"name": "fake", "backend": "openai", "model": "fake", "base_url": server.base_url,
                           "batch_size": 64, "max_concurrency": 32, "replicas": 2,
-                          "license": "Apache-2.0", "sampling": {"max_tokens": 64, "logprobs": 5}}],
+                          "license": "Apache-2.0", "request_token_ids": True,
+                          "sampling": {"max_tokens": 64, "logprobs": 5}}],
             "output": {"path": "out"}}))
         t = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "datagen", "run", str(d / "job.yaml")], cwd=REPO,
-                             capture_output=True, text=True)
+        out, err, driver_mb = _run_measured([sys.executable, "-m", "datagen", "run", str(d / "job.yaml")])
         wall = time.perf_counter() - t
-        print(_figures(res.stdout) or res.stderr[-2000:])
-        print(f"command wall time (Ray start included): {wall:.1f} s")
+        print(_figures(out) or err[-2000:])
+        print(f"command wall time (Ray start included): {wall:.1f} s; driver peak RSS {driver_mb:.0f} MB")
+
+
+def _run_measured(cmd: list[str]) -> tuple[str, str, float]:
+    """Run ``cmd``; return its stdout, stderr and its own peak RSS in MB (wait4 gives the
+    child's figure alone: Ray's processes, its children, are not counted)."""
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, text=True)
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0
+        fo.seek(0)
+        fe.seek(0)
+        return fo.read(), fe.read(), usage.ru_maxrss / 1024
 
 
 def bench_vllm() -> None:
@@ -141,7 +155,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"python {sys.version.split()[0]}, cpus {len(__import__('os').sched_getaffinity(0))}")
     bench_store()
-    bench_pipeline(args.rows)
+    for rows in (args.rows, 10 * args.rows):  # flat driver memory: 10x the rows, same RSS
+        bench_pipeline(rows)
     if args.vllm:
         bench_vllm()
     print(f"benchmark driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
