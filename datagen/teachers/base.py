@@ -10,7 +10,7 @@ itself (engine crash, dead actor) raises, and Ray restarts the actor and retries
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 
@@ -28,7 +28,6 @@ class Generation:
     latency_s: float = 0.0
     attempts: int = 1
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
