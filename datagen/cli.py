@@ -52,7 +52,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
                    style="yellow", soft_wrap=True)
         return EXIT_INTERRUPTED
-    unresolved = len(store.row_ids(("failed",)) - store.row_ids(("accepted", "rejected")))
+    unresolved = store.unresolved_failures()
     if unresolved:
         warn.print(f"{unresolved} rows failed at the teacher (reasons above); "
                   f"`datagen resume {root}` retries them", style="yellow")

@@ -118,7 +118,6 @@ def _card(out: ShardStore, meta: dict[str, Any], registry: Registry, res: Export
     terms = [registry.get(i) for i in ids]
     hf = {t.hf_license for t in terms if t}
     teachers = _teachers(meta, registry)
-    teacher_ids = {t["license"] for t in teachers}
     front: dict[str, Any] = {}
     if len(hf) == 1 and None not in hf and "other" not in hf:
         front["license"] = hf.pop()
@@ -126,10 +125,6 @@ def _card(out: ShardStore, meta: dict[str, Any], registry: Registry, res: Export
         front["license"] = "other"
         front["license_name"] = "mixed: " + ", ".join(ids) if ids else "none"
         front["license_link"] = "README.md"  # the table below: every term, its class and duties
-    licenses_summary: dict[str, Counter] = {}
-    for s in out.manifest.shards:
-        for key, summary in s.get("license_summary", {}).items():
-            licenses_summary.setdefault(key, Counter()).update(summary)
     front.update({
         "pretty_name": f"{meta['name']} (datagen export)",
         "tags": ["datagen", "distillation", "synthetic"],
@@ -140,8 +135,8 @@ def _card(out: ShardStore, meta: dict[str, Any], registry: Registry, res: Export
             "rows": res.rows,
             "schema_version": out.manifest.data["schema_version"],
             "selection": {"license_class": license_class} if license_class else {"allow": allow},
-            "licenses": {k: dict(v) for k, v in licenses_summary.items()},
-            "teachers": [t for t in teachers if t["license"] in teacher_ids & set(ids)] or teachers,
+            "licenses": out.manifest.license_totals(),
+            "teachers": [t for t in teachers if t["license"] in res.licenses] or teachers,
             "source_run_fingerprint": meta["run_fingerprint"],
             "override": {"reason": override, "conflicts": res.conflicts} if res.conflicts else None,
         },

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -54,9 +53,7 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
     t.add_row("rows generated", str(stats.generated), str(sum(totals.values())))
     if stats.skipped:
         t.add_row("rows already committed (skipped)", str(stats.skipped), "")
-    # A row that failed on several resumes has several failed entries: count ids.
-    unresolved = len(store.row_ids(("failed",)) - store.row_ids(("accepted", "rejected"))) \
-        if totals["failed"] else 0
+    unresolved = store.unresolved_failures()
     for stream in records.STREAMS:
         if stream == "failed":
             t.add_row("failed (unresolved in output)", str(stats.counts[stream]), str(unresolved))
@@ -89,13 +86,8 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
     m = store.manifest
     counts = m.counts()
     reasons = {s: dict(m.reasons(s)) for s in ("rejected", "failed")}
-    # A failed row whose id was later accepted or rejected (on resume) is recovered.
-    failed_ids = store.row_ids(("failed",))
-    unresolved = len(failed_ids - store.row_ids(("accepted", "rejected"))) if failed_ids else 0
-    licenses: dict[str, Counter] = {}
-    for s in m.shards:
-        for key, summary in s.get("license_summary", {}).items():
-            licenses.setdefault(key, Counter()).update(summary)
+    unresolved = store.unresolved_failures()
+    licenses = m.license_totals()
     sample = []
     for i, row in enumerate(store.iter_rows(stream, batch_rows=max(rows, 1))):
         if i >= rows:
@@ -106,7 +98,7 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
             "job": m.data["job"], "run_fingerprint": m.data["run_fingerprint"],
             "schema_version": m.data["schema_version"], "counts": counts,
             "failed_unresolved": unresolved, "reasons": reasons,
-            "licenses": {k: dict(v) for k, v in licenses.items()},
+            "licenses": licenses,
             "shards": len(m.shards), "sample": sample,
         }, default=str))
         return

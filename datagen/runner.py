@@ -228,7 +228,7 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
     return row
 
 
-def _batches(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[Request]:
+def _not_done(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[Request]:
     for req in stream:
         if req.row_id in done:
             stats.skipped += 1
@@ -352,7 +352,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
 
     from datagen.dedupe import row_text
 
-    pending = _batches(stream, done, stats)
+    pending = _not_done(stream, done, stats)
     buffers: dict[str, list[Request]] = {name: [] for name in teachers}
     ready_batches: deque[tuple[str, list[Request]]] = deque()
     inflight: dict[Any, tuple[Any, str, list[Request]]] = {}

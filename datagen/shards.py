@@ -141,6 +141,14 @@ class Manifest:
                 c.update(s.get("reasons", {}))
         return c
 
+    def license_totals(self) -> dict[str, dict[str, int]]:
+        """The shards' license summaries added up: {teacher|seed|template: {id: rows}}."""
+        totals: dict[str, Counter] = {}
+        for s in self.shards:
+            for key, summary in s.get("license_summary", {}).items():
+                totals.setdefault(key, Counter()).update(summary)
+        return {k: dict(v) for k, v in totals.items()}
+
     def files(self, stream: str) -> list[Path]:
         paths = [self.root / s["file"] for s in self.shards if s["stream"] == stream]
         for p in paths:
@@ -397,6 +405,13 @@ class ShardStore:
             for path in self.manifest.files(stream):
                 ids.update(pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist())
         return ids
+
+    def unresolved_failures(self) -> int:
+        """Failed row ids not since accepted or rejected (a resume retries failed rows,
+        and a row failing on several resumes has several failed entries)."""
+        if not self.manifest.counts()["failed"]:
+            return 0
+        return len(self.row_ids(("failed",)) - self.row_ids(("accepted", "rejected")))
 
     def read(self, stream: str = "accepted", columns: list[str] | None = None) -> pa.Table:
         files = self.manifest.files(stream)

@@ -86,12 +86,16 @@ def test_commit_every_s_makes_partial_shards_due(tmp_path):
     assert committed_rows(tmp_path / "o") == ["id000001"]
 
 
-def test_readers_trust_the_manifest_and_resume_sweeps_the_rest(tmp_path):
-    root = tmp_path / "o"
+def _one_committed_row(root: Path) -> Path:
     store = ShardStore.create(root, output(), job_meta=META)
     store.add("accepted", row(1))
     store.commit_all()
     store.close()
+    return root
+
+
+def test_readers_trust_the_manifest_and_resume_sweeps_the_rest(tmp_path):
+    root = _one_committed_row(tmp_path / "o")
     # An orphan shard (renamed, crash before the manifest) and a half-written temp file.
     orphan = root / "accepted" / "part-000001.parquet"
     orphan.write_bytes((root / "accepted" / "part-000000.parquet").read_bytes())
@@ -204,11 +208,7 @@ def test_full_disk_stops_with_clear_error_and_keeps_committed_rows(tmp_path):
 def test_damaged_outputs_get_one_line_errors(tmp_path):
     from .conftest import datagen
 
-    root = tmp_path / "o"
-    store = ShardStore.create(root, output(), job_meta=META)
-    store.add("accepted", row(1))
-    store.commit_all()
-    store.close()
+    root = _one_committed_row(tmp_path / "o")
     (root / "accepted" / "part-000000.parquet").unlink()
     res = datagen("inspect", str(root))
     assert res.returncode == 1 and "listed in the manifest but missing" in res.stderr
