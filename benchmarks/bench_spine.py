@@ -41,9 +41,10 @@ def kd_row(i: int, rng: random.Random) -> dict:
         row_id=f"{i:032x}", prompt_id=f"{i:032x}", sample_index=0,
         messages=[{"role": "user", "content": "word " * 60}], response="tok " * n, finish_reason="stop",
         token_ids=[rng.randrange(49152) for _ in range(n)],
-        token_logprobs=[-rng.random() for _ in range(n)],
+        token_logprobs_q=records.quantize_logprobs([-rng.random() for _ in range(n)]),
         top_ids=[[rng.randrange(49152) for _ in range(k)] for _ in range(n)],
-        top_logprobs=[sorted((-5 * rng.random() for _ in range(k)), reverse=True) for _ in range(n)],
+        top_logprobs_q=records.quantize_logprobs(
+            [sorted((-5 * rng.random() for _ in range(k)), reverse=True) for _ in range(n)]),
         license={"teacher": "Apache-2.0", "seed": "Apache-2.0", "template": "Apache-2.0"},
     )
     return r

@@ -123,8 +123,8 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
         console.print(f"[bold]prompt[/bold]   {user[:300]}")
         console.print(f"[bold]response[/bold] {(row['response'] or '')[:300]}")
         extra = f"teacher {row['teacher']['name']} · finish {row['finish_reason']}"
-        if row["token_logprobs"] is not None:
-            extra += f" · logprobs for {len(row['token_logprobs'])} tokens, top-{len(row['top_ids'][0]) if row['top_ids'] else 0}"
+        if row["token_logprobs_q"] is not None:
+            extra += f" · logprobs for {len(row['token_logprobs_q'])} tokens, top-{len(row['top_ids'][0]) if row['top_ids'] else 0}"
         if row["error"]:
             extra += f" · error {row['error']}"
         console.print(extra, style="dim")

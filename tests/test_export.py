@@ -98,7 +98,7 @@ def test_export_loads_in_datasets_duckdb_and_polars(mixed_run, tmp_path):
     assert n > 0
     glob = str(dest / "accepted" / "*.parquet")
     ds = datasets.load_dataset("parquet", data_files=glob, split="train")
-    assert ds.num_rows == n and "top_logprobs" in ds.column_names
+    assert ds.num_rows == n and "top_logprobs_q" in ds.column_names
     assert duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0] == n
     assert pl.read_parquet(glob).height == n
     # The card's own config works too: load_dataset(dir) reads README.md's data_files.

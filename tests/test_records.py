@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
@@ -137,8 +138,8 @@ def _full_row() -> dict[str, Any]:
         teacher=TEACHER, sampling={"temperature": 0.7, "top_p": 1.0, "max_tokens": 48, "seed": 3,
                                    "logprobs": 2, "stop": []},
         usage={"prompt_tokens": 10, "completion_tokens": 2},
-        token_ids=[1, 2], token_logprobs=[-0.1, -0.2], top_ids=[[1, 5], [2, 6]],
-        top_logprobs=[[-0.1, -2.0], [-0.2, -3.0]],
+        token_ids=[1, 2], token_logprobs_q=records.quantize_logprobs([-0.1, -0.2]), top_ids=[[1, 5], [2, 6]],
+        top_logprobs_q=records.quantize_logprobs([[-0.1, -2.0], [-0.2, -3.0]]),
         verdicts=[{"filter": "format", "keep": True, "reason": None, "score": None, "details": None}],
         license={"teacher": "Apache-2.0", "seed": "Apache-2.0", "template": "Apache-2.0"},
     )
@@ -156,6 +157,7 @@ def test_to_table_has_exactly_the_schema():
     assert back["messages"] == MESSAGES
     assert back["teacher"] == TEACHER
     assert back["top_ids"] == [[1, 5], [2, 6]]
+    assert back["top_logprobs_q"] == [[10, 200], [20, 300]]
 
 
 def test_to_table_of_no_rows_keeps_the_schema():
@@ -327,3 +329,37 @@ def test_count_takes_a_prefix_of_the_shuffled_seeds(tmp_path: Path):
     twenty = _stream(_quickstart_variant(tmp_path, "c20", count=20))
     assert len(ten) == 20 and len(twenty) == 40
     assert [r.row_id for r in twenty[:20]] == [r.row_id for r in ten]
+
+
+# --------------------------------------------------------------------------- logprobs
+
+
+def test_logprob_quantisation_error_is_bounded_over_the_whole_range():
+    rng = np.random.default_rng(0)
+    lp = np.concatenate([-rng.exponential(3.0, 100_000), -rng.uniform(0, 655.0, 100_000), [0.0, -1e-9]])
+    q = records.quantize_logprobs(lp.tolist())
+    back = records.dequantize_logprobs(q)
+    # half a step (0.005 nats), plus float32's own rounding of the decoded value (6e-5 at -600)
+    assert np.max(np.abs(back - lp)) <= 0.5 / records.LOGPROB_SCALE + 1e-4
+    assert all(isinstance(v, int) and 0 <= v <= records.LOGPROB_Q_MAX for v in q)
+
+
+def test_logprob_quantisation_saturates_instead_of_wrapping():
+    q = records.quantize_logprobs([-700.0, float("-inf"), float("nan"), 0.0])
+    assert q[:2] == [records.LOGPROB_Q_MAX, records.LOGPROB_Q_MAX]
+    assert q[3] == 0
+    assert records.quantize_logprobs(None) is None
+    nested = records.quantize_logprobs([[-0.5, -1.25], [-2.0, -9.999]])
+    assert nested == [[50, 125], [200, 1000]]
+    assert records.dequantize_logprobs(nested).shape == (2, 2)
+
+
+def test_quantised_logprobs_survive_parquet_exactly(tmp_path):
+    import pyarrow.parquet as pq
+
+    row = _full_row()
+    pq.write_table(records.to_table([row]), tmp_path / "r.parquet")
+    back = pq.read_table(tmp_path / "r.parquet").to_pylist()[0]
+    assert back["top_logprobs_q"] == row["top_logprobs_q"]
+    np.testing.assert_allclose(records.dequantize_logprobs(back["top_logprobs_q"]), [[-0.1, -2.0], [-0.2, -3.0]],
+                               atol=0.005)
