@@ -1,4 +1,4 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, rescore, export, verify, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -150,6 +150,20 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from datagen.rescore import load_teacher, rescore
+
+    teacher = load_teacher(Path(args.teacher))
+    if args.logprobs is not None:
+        teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"logprobs": args.logprobs})})
+    res = rescore(Path(args.output_dir).resolve(), teacher, dest=Path(args.to).resolve() if args.to else None)
+    failed = ", ".join(f"{why}: {n}" for why, n in sorted(res.failed.items())) or "none"
+    print(f"re-scored {res.rows} rows with top-{teacher.sampling.logprobs} from {teacher.name} "
+          f"({res.by_ids} on their own token ids, {res.by_text} on re-tokenized text; failed: {failed}) "
+          f"in {res.seconds:.1f} s -> {res.dest}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from datagen.verify import verify
 
@@ -226,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", choices=["exact", "estimate"])
     r.add_argument("--workers", type=int, help="processes for signatures (default: all cores)")
     r.set_defaults(func=cmd_dedupe)
+
+    r = sub.add_parser("rescore", help="a vLLM teacher's top-k logprobs over existing rows (teacher-forced)")
+    r.add_argument("output_dir")
+    r.add_argument("--teacher", required=True, help="YAML file with one vLLM teacher (as in a job's teachers: list)")
+    r.add_argument("--to", help="destination directory (default OUTPUT_DIR/rescored; must not exist)")
+    r.add_argument("--logprobs", type=int, choices=range(1, 21), metavar="K", help="top-k to store (1-20; default the teacher's, else 20)")
+    r.set_defaults(func=cmd_rescore)
 
     r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")
     r.add_argument("output_dir")

@@ -57,9 +57,24 @@ class VLLMEngine(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = Field(None, ge=16)
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards its layers over")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="pipeline stages of one engine")
+    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences one engine step batches at most")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (a file path, relative to the job file, or the text); "
+        "default: the model's own"
+    )
+    batching: Literal["async", "offline"] = Field(
+        "async", description="async: one continuously batched AsyncLLM across all in-flight batches; "
+        "offline: LLM.generate per batch"
+    )
     enforce_eager: bool = False
     cpu_kvcache_gb: float = Field(2.0, gt=0.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+
+    @property
+    def gpus_per_engine(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class _TeacherBase(Strict):
@@ -77,8 +92,20 @@ class _TeacherBase(Strict):
 class VLLMTeacher(_TeacherBase):
     backend: Literal["vllm"]
     engine: VLLMEngine = Field(default_factory=VLLMEngine)
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica; 0 runs vLLM on CPU")
+    num_gpus: float = Field(
+        0.0, ge=0.0, description="GPUs per replica (= tensor x pipeline parallel size when > 1); 0 runs vLLM on CPU"
+    )
     num_cpus: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _gpus_match_parallelism(self) -> VLLMTeacher:
+        n = self.engine.gpus_per_engine
+        if n > 1 and self.num_gpus != n:
+            raise ValueError(
+                f"num_gpus: an engine with tensor_parallel_size x pipeline_parallel_size = {n} needs "
+                f"num_gpus: {n} (got {self.num_gpus:g}); its GPUs are reserved together in a placement group"
+            )
+        return self
 
 
 class OpenAITeacher(_TeacherBase):
@@ -279,10 +306,17 @@ def _resolve_paths(job: Job, base: Path) -> Job:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
+    def teacher(t: Any) -> Any:
+        tpl = getattr(getattr(t, "engine", None), "chat_template", None)
+        if tpl is None or "{" in tpl:  # unset, or the template text itself
+            return t
+        return t.model_copy(update={"engine": t.engine.model_copy(update={"chat_template": str(rel(Path(tpl)))})})
+
     return job.model_copy(
         update={
             "prompts": job.prompts.model_copy(update={"template": rel(job.prompts.template)}),
             "output": job.output.model_copy(update={"path": rel(job.output.path)}),
+            "teachers": [teacher(t) for t in job.teachers],
         }
     )
 

@@ -103,7 +103,9 @@ class Registry:
     def row_class(self, license: dict[str, str | None]) -> str:
         """The strictest class among a row's licenses; an unknown id counts as restricted."""
         worst = 0
-        for lid in license.values():
+        for key, lid in license.items():
+            if key == "logprobs" and lid is None:  # optional: only re-scored rows have one
+                continue
             t = self.get(lid)
             worst = max(worst, t.rank if t else len(CLASSES) - 1)
         return CLASSES[worst]

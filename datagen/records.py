@@ -96,6 +96,8 @@ SCHEMA = pa.schema(
                     ("template_hash", pa.string()),
                     ("seed_source", pa.string()),
                     ("seed_ids", pa.list_(pa.string())),
+                    # set by ``datagen rescore``: name/backend/model@revision of the log-prob teacher
+                    ("logprobs_by", pa.string()),
                 ]
             ),
         ),
@@ -103,7 +105,10 @@ SCHEMA = pa.schema(
         pa.field("dedupe_cluster", pa.string()),
         pa.field(
             "license",
-            pa.struct([("teacher", pa.string()), ("seed", pa.string()), ("template", pa.string())]),
+            # ``logprobs``: the terms of the teacher whose log-probs the row carries when that
+            # is not the teacher who wrote the text (``datagen rescore``); null otherwise.
+            pa.struct([("teacher", pa.string()), ("seed", pa.string()), ("template", pa.string()),
+                       ("logprobs", pa.string())]),
         ),
         pa.field(
             "timings",

@@ -105,21 +105,27 @@ def prepare(job: Job) -> tuple[PromptStream, str]:
 
 
 def _init_ray(job: Job) -> bool:
+    return init_ray(job.runtime)
+
+
+def init_ray(runtime: Any) -> bool:
+    """Join ``runtime.ray_address`` (or $RAY_ADDRESS), else start a local instance.
+    True when this call started Ray (so the caller shuts it down)."""
     try:
         import ray
     except ImportError:
         raise MissingExtra("ray", "cpu", "datagen run") from None
     if ray.is_initialized():
         return False
-    address = job.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    address = runtime.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "configure_logging": True,
                               "log_to_driver": bool(os.environ.get("DATAGEN_VERBOSE"))}
     if address:
         kwargs["address"] = address
     else:
         kwargs["include_dashboard"] = False
-        if job.runtime.num_cpus:
-            kwargs["num_cpus"] = job.runtime.num_cpus
+        if runtime.num_cpus:
+            kwargs["num_cpus"] = runtime.num_cpus
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -158,17 +164,30 @@ class _Actors:
         self.by_teacher: dict[str, list[Any]] = {}
         self.load: dict[Any, int] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        self.groups: list[Any] = []  # placement groups this run made, removed by close()
         for t in job.teachers:
-            opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
-            if t.backend == "vllm":
-                opts.update(num_cpus=t.num_cpus, num_gpus=t.num_gpus)
-            else:
-                opts.update(num_cpus=0)  # waits on HTTP: a CPU request would starve small machines
-            actors = [remote.options(**opts).remote(t.model_dump(mode="json")) for _ in range(t.replicas)]
+            actors = [remote.options(**self._options(t)).remote(t.model_dump(mode="json"))
+                      for _ in range(t.replicas)]
             self.by_teacher[t.name] = actors
             for a in actors:
                 self.load[a] = 0
         self._starting = {a.info.remote(): name for name, actors in self.by_teacher.items() for a in actors}
+
+    def _options(self, t: Any) -> dict[str, Any]:
+        opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+        if t.backend != "vllm":
+            return opts | {"num_cpus": 0}  # waits on HTTP: a CPU request would starve small machines
+        if t.engine.gpus_per_engine == 1:
+            return opts | {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
+        group = placement_for(t)
+        self.groups.append(group)
+        return opts | placement_options(t, group)
+
+    def close(self) -> None:
+        import ray
+
+        for group in self.groups:  # on a shared cluster nobody else would free them
+            ray.util.remove_placement_group(group)
 
     def wait_started(self, timeout_s: float, stop: Callable[[], bool]) -> bool:
         """Wait for every actor's first answer; False if ``stop()`` turned true first."""
@@ -196,6 +215,29 @@ class _Actors:
     def free(self, teacher: str, limit: int) -> Any | None:
         actor = min(self.by_teacher[teacher], key=lambda a: self.load[a])
         return actor if self.load[actor] < limit else None
+
+
+def placement_for(t: Any) -> Any:
+    """A placement group for one multi-GPU engine: one bundle per GPU (vLLM's Ray executor
+    requires at most one GPU per bundle and starts a worker in each). Tensor parallelism
+    talks every layer, so its GPUs must share a node (STRICT_PACK); pipeline stages only
+    pass activations along and may spread (PACK)."""
+    from ray.util.placement_group import placement_group
+
+    n, e = t.engine.gpus_per_engine, t.engine
+    bundles = [{"GPU": 1.0, "CPU": float(t.num_cpus)}] + [{"GPU": 1.0} for _ in range(n - 1)]
+    # Unnamed: a teacher's replicas each get one, and Ray refuses two groups of one name.
+    return placement_group(bundles, strategy="STRICT_PACK" if e.pipeline_parallel_size == 1 else "PACK")
+
+
+def placement_options(t: Any, group: Any) -> dict[str, Any]:
+    """Actor options that put the engine's driver in bundle 0 (its CPUs, none of the GPUs)
+    and make the group the one vLLM finds with ``ray.util.get_current_placement_group()``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_cpus": t.num_cpus, "num_gpus": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
 
 def _cause(exc: BaseException) -> str:
@@ -277,6 +319,7 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
     row_licenses = {name: {"teacher": lid, "seed": spec.seeds.license, "template": spec.license}
                     for name, lid in teacher_terms.items()}
     started_ray = _init_ray(job)
+    actors = None
     try:
         with _StopFlag() as stop:
             if started_ray:
@@ -309,7 +352,9 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
         raise
     finally:
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # frees actors and placement groups with it
+        elif actors is not None:
+            actors.close()
     if on_progress:
         on_progress(stats)
     return stats

@@ -162,6 +162,10 @@ def license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
     for row in rows:
         for key, value in (row.get("license") or {}).items():
+            if key == "logprobs":  # only re-scored rows name a separate log-prob teacher
+                if value:
+                    out.setdefault(key, Counter())[value] += 1
+                continue
             out[key][value or "unknown"] += 1
     return {k: dict(v) for k, v in out.items()}
 

@@ -53,28 +53,40 @@ def test_quickstart_job_end_to_end(tmp_path):
     assert "rows generated" in res.stdout and "accepted" in res.stdout
 
 
-def test_engine_direct_logprobs_seeds_and_overlong_prompt():
+@pytest.fixture(scope="module")
+def engine():
+    """One async engine for the in-process tests (a start costs ~40 s even eager), on one
+    event loop: AsyncLLM binds its output handler to the loop of its first request."""
     from datagen.config import VLLMTeacher
     from datagen.teachers.vllm_engine import VLLMEngineTeacher
 
     cfg = VLLMTeacher.model_validate({
         "name": "smol", "backend": "vllm", "model": "embedded:smollm2-135m-instruct",
-        "engine": {"max_model_len": 512},
+        "engine": {"max_model_len": 512, "enforce_eager": True},
         "sampling": {"temperature": 0.8, "max_tokens": 24, "logprobs": 20},
     })
     teacher = VLLMEngineTeacher(cfg)
+    loop = asyncio.new_event_loop()
+    teacher.run = loop.run_until_complete
     try:
-        _check_engine(teacher)
+        yield teacher
     finally:
         teacher.close()  # or the engine's processes can hold up pytest's exit
+        pending = asyncio.all_tasks(loop)  # the engine's output handler, now idle
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
 
 
-def _check_engine(teacher) -> None:
-    ask = [{"role": "user", "content": "Name three colours."}]
+ASK = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_engine_direct_logprobs_seeds_and_overlong_prompt(engine):
     long = [{"role": "user", "content": "word " * 2000}]
-    reqs = [{"row_id": "a", "messages": ask, "seed": 11}, {"row_id": "b", "messages": long, "seed": 1},
-            {"row_id": "c", "messages": ask, "seed": 11}, {"row_id": "d", "messages": ask, "seed": 12}]
-    a, b, c, d = asyncio.run(teacher.generate(reqs))
+    reqs = [{"row_id": "a", "messages": ASK, "seed": 11}, {"row_id": "b", "messages": long, "seed": 1},
+            {"row_id": "c", "messages": ASK, "seed": 11}, {"row_id": "d", "messages": ASK, "seed": 12}]
+    a, b, c, d = engine.run(engine.generate(reqs))
     assert a.error is None and a.text.strip()
     assert len(a.top_ids) == a.completion_tokens and all(len(t) == 20 for t in a.top_ids)
     # The over-long prompt fails alone, with a reason; its batch-mates are answered.
@@ -82,5 +94,78 @@ def _check_engine(teacher) -> None:
     # Per-request seeds: same seed, same sample; another seed, (almost surely) another.
     assert c.text == a.text and c.token_ids == a.token_ids
     assert d.error is None
-    info = teacher.info()
+    info = engine.info()
     assert info["license"] == "Apache-2.0" and info["tokenizer_fingerprint"].startswith("sha256:")
+
+
+# Two fp32 implementations of the same 30-layer model (vLLM's CPU kernels vs torch's
+# eager ops) sum in different orders; their log-probs differ by ~1e-5..1e-4 (measured
+# max in the note). 2e-3 leaves room for that and is still 2.5x tighter than the 0.005
+# storage quantisation, so a real mismatch (wrong position, temperature applied, a
+# different model or dtype) cannot pass: those move log-probs by 0.1 or more.
+PARITY_TOL = 2e-3
+
+
+def _hf_logprobs(prompt_ids, response_ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from datagen import embedded
+
+    model = AutoModelForCausalLM.from_pretrained(embedded.materialize("embedded:smollm2-135m-instruct"),
+                                                 torch_dtype=torch.float32)
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    # the distribution that produced response token t sits at position cut + t - 1
+    cut = len(prompt_ids)
+    return torch.log_softmax(logits[cut - 1 : cut - 1 + len(response_ids)].double(), dim=-1).numpy()
+
+
+def _assert_topk_matches(top_ids, top_lps, ref):
+    import numpy as np
+
+    worst = 0.0
+    for pos, (ids, lps) in enumerate(zip(top_ids, top_lps)):
+        ours = np.asarray(lps)
+        theirs = ref[pos][ids]
+        worst = max(worst, float(np.max(np.abs(ours - theirs))))
+        # nothing outside our top-k was clearly more likely than our k-th
+        outside = np.delete(ref[pos], ids)
+        assert outside.max() <= ours[-1] + PARITY_TOL, f"position {pos}: top-k misses a likelier token"
+    assert worst <= PARITY_TOL, f"max |logprob difference| {worst:.2e}"
+    return worst
+
+
+def test_topk_logprobs_match_a_transformers_forward_pass(engine):
+    (g,) = engine.run(engine.generate([{"row_id": "a", "messages": ASK, "seed": 5}]))
+    assert g.error is None and g.completion_tokens > 3
+    ref = _hf_logprobs(engine.prompt_ids(ASK), g.token_ids)
+    _assert_topk_matches(g.top_ids, g.top_logprobs, ref)
+    # the sampled token's own logprob, too (raw: before temperature)
+    for pos, (tok, lp) in enumerate(zip(g.token_ids, g.token_logprobs)):
+        assert abs(lp - ref[pos][tok]) <= PARITY_TOL
+
+
+def test_rescore_reproduces_generation_time_logprobs(engine):
+    asks = [ASK, [{"role": "user", "content": "Write one sentence about the sea."}]]
+    gens = engine.run(engine.generate([{"row_id": str(i), "messages": m, "seed": 3 + i} for i, m in enumerate(asks)]))
+    back = engine.run(engine.rescore([{"row_id": g.row_id, "messages": m, "response_ids": g.token_ids}
+                                      for g, m in zip(gens, asks)], k=20))
+    for g, r in zip(gens, back):
+        assert r.error is None and r.token_ids == g.token_ids
+        assert [set(t) for t in r.top_ids] == [set(t) for t in g.top_ids] or _near_ties(g, r)
+        for a, b in zip(g.top_logprobs, r.top_logprobs):
+            assert max(abs(x - y) for x, y in zip(a, b)) <= PARITY_TOL
+        assert max(abs(x - y) for x, y in zip(g.token_logprobs, r.token_logprobs)) <= PARITY_TOL
+    # text in, the same ids out: a row from an API teacher is scored the same way
+    (t,) = engine.run(engine.rescore([{"row_id": "x", "messages": ASK, "response": gens[0].text}], k=5))
+    assert t.error is None and len(t.top_ids[0]) == 5 and t.completion_tokens > 0
+    (e,) = engine.run(engine.rescore([{"row_id": "y", "messages": ASK, "response": ""}], k=5))
+    assert e.error.startswith("rescore.empty_response")
+
+
+def _near_ties(g, r) -> bool:
+    """Top-k sets may differ only where the k-th and (k+1)-th are within tolerance."""
+    return all(set(a) == set(b) or abs(la[-1] - lb[-1]) <= PARITY_TOL
+               for a, b, la, lb in zip(g.top_ids, r.top_ids, g.top_logprobs, r.top_logprobs))

@@ -50,3 +50,7 @@ class TeacherActor:
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [g.to_dict() for g in await self.teacher.generate(requests)]
+
+    async def rescore(self, requests: list[dict[str, Any]], *, k: int) -> list[dict[str, Any]]:
+        """Teacher-forced top-k over given responses (``datagen rescore``); vLLM only."""
+        return [g.to_dict() for g in await self.teacher.rescore(requests, k=k)]

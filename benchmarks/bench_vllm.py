@@ -1,0 +1,176 @@
+"""datagen's vLLM backend against bare vLLM, and the size of stored logprobs. Prints figures.
+
+    .venv/bin/python benchmarks/bench_vllm.py                  # embedded SmolLM2-135M on CPU
+    .venv/bin/python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-1.5B-Instruct --gpus 1
+
+(a) throughput: completion tokens/s of
+      bare     ``vllm.LLM.generate`` on every prompt at once (vLLM's own best case: one
+               call, the whole workload in its scheduler), engine start excluded;
+      datagen  the same prompts, seeds and sampling through ``datagen run``'s path (Ray
+               actor, batches of ``--batch`` rows, filters, Parquet commits), from teachers
+               ready to the last commit, for ``engine.batching: async`` and ``offline``.
+    The ratio datagen/bare is the cost of the product around the engine. The prompts ask
+    for answers of very different lengths, so a batch-at-a-time engine waits on its
+    longest sequence while the async engine keeps refilling.
+(c) storage: on-disk bytes per generated token of the KD columns (token ids, sampled
+    logprob, top-k ids and logprobs) in the datagen run's shards, and the max absolute
+    error of the stored log-probs against the float values bare vLLM returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LENGTHS = ["in one word", "in one short sentence", "in three sentences", "in a detailed paragraph",
+           "as a numbered list of ten items"]
+TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "owls", "glass", "tea", "maps",
+          "clocks", "salt", "bridges", "honey", "comets", "paper", "wolves", "tides", "copper", "lanterns"]
+
+
+def seeds(n: int) -> list[dict]:
+    return [{"id": f"s{i}", "topic": TOPICS[i % len(TOPICS)], "how": LENGTHS[i % len(LENGTHS)], "i": i}
+            for i in range(n)]
+
+
+def teacher_cfg(args, batching: str) -> dict:
+    return {
+        "name": "t", "backend": "vllm", "model": args.model, "license": "Apache-2.0",
+        "num_gpus": args.gpus, "num_cpus": 1, "batch_size": args.batch,
+        "engine": {"max_model_len": 1024, "enforce_eager": args.eager, "batching": batching},
+        "sampling": {"temperature": 0.8, "max_tokens": args.max_tokens, "logprobs": args.k},
+    }
+
+
+def write_job(d: Path, args, batching: str) -> Path:
+    import yaml
+
+    (d / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seeds(args.prompts)))
+    (d / "t.yaml").write_text(yaml.safe_dump({
+        "id": "bench-vllm", "version": "1", "license": "Apache-2.0",
+        "user": "Describe {{ topic }} {{ how }}. (#{{ i }})",
+        "seeds": {"path": "seeds.jsonl", "license": "Apache-2.0"}}))
+    path = d / f"job-{batching}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": f"bench-{batching}", "seed": 1, "prompts": {"template": "t.yaml"},
+        "teachers": [teacher_cfg(args, batching)], "filters": ["nonempty"],
+        "output": {"path": f"out-{batching}"},
+        "runtime": {"inflight_per_actor": args.inflight},
+    }))
+    return path
+
+
+def bare(args, job_path: Path) -> tuple[float, int, list]:
+    """vllm.LLM.generate over the job's own requests (same token prompts, seeds, sampling)."""
+    from datagen import runner
+    from datagen.config import VLLMTeacher, load_job
+    from datagen.teachers.vllm_engine import VLLMEngineTeacher
+
+    job = load_job(job_path)
+    stream, _ = runner.prepare(job)
+    cfg = VLLMTeacher.model_validate(teacher_cfg(args, "offline"))
+    teacher = VLLMEngineTeacher(cfg)  # the offline engine: this *is* vllm.LLM
+    try:
+        reqs = list(stream)
+        prompts = [{"prompt_token_ids": teacher.prompt_ids(r.messages)} for r in reqs]
+        params = [teacher._params(r.seed) for r in reqs]
+        t = time.perf_counter()
+        outs = teacher.llm.generate(prompts, params, use_tqdm=False)
+        secs = time.perf_counter() - t
+    finally:
+        teacher.close()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    floats = [lp.logprob for o in outs for pos in o.outputs[0].logprobs for lp in pos.values()]
+    return secs, tokens, floats
+
+
+def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
+    from datagen import runner
+    from datagen.config import load_job
+    from datagen.shards import ShardStore
+
+    job = load_job(job_path)
+    stream, fp = runner.prepare(job)
+    store = ShardStore.create(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
+    try:
+        stats = runner.execute(job, store, stream)
+    finally:
+        store.close()
+    return stats.generating_s, stats.completion_tokens, job.output.path, stats.startup_s
+
+
+def kd_bytes(out: Path) -> tuple[dict[str, float], int]:
+    import pyarrow.parquet as pq
+
+    from datagen.shards import ShardStore
+
+    store = ShardStore.open(out)
+    cols = ("token_ids", "token_logprobs_q", "top_ids", "top_logprobs_q")
+    size = dict.fromkeys(cols, 0)
+    tokens = 0
+    for stream in ("accepted", "rejected"):
+        for path in store.manifest.files(stream):
+            md = pq.ParquetFile(path).metadata
+            for rg in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    col = md.row_group(rg).column(c)
+                    top = col.path_in_schema.split(".")[0]
+                    if top in size:
+                        size[top] += col.total_compressed_size
+            tokens += sum(len(t or []) for t in pq.read_table(path, columns=["token_ids"]).column(0).to_pylist())
+    return size, tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--gpus", type=float, default=0.0)
+    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16, help="rows per batch sent to the actor")
+    p.add_argument("--inflight", type=int, default=4, help="batches queued per actor")
+    p.add_argument("--k", type=int, default=20, help="top-k logprobs")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower decode on CPU)")
+    p.add_argument("--modes", default="async,offline")
+    args = p.parse_args()
+    print(f"python {sys.version.split()[0]}, cpus {len(os.sched_getaffinity(0))}, model {args.model}, "
+          f"{args.prompts} prompts, max_tokens {args.max_tokens}, batch {args.batch} x {args.inflight} in flight, "
+          f"top-{args.k}")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        jobs = {m: write_job(d, args, m) for m in args.modes.split(",")}
+        secs, tokens, floats = bare(args, next(iter(jobs.values())))
+        base = tokens / secs
+        print(f"(a) bare vllm.LLM.generate        {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
+        outs = {}
+        for mode, path in jobs.items():
+            s, n, out, startup = through_datagen(path)
+            outs[mode] = out
+            print(f"(a) datagen batching={mode:<8}    {n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
+                  f"ratio {n / s / base:.3f}  (engine start {startup:.0f} s, excluded)")
+        size, ntok = kd_bytes(next(iter(outs.values())))
+        per = {c: b / ntok for c, b in size.items()}
+        print(f"(c) stored KD columns: {sum(per.values()):.1f} bytes per generated token at k={args.k} "
+              f"({', '.join(f'{c} {v:.1f}' for c, v in per.items())}; {ntok} tokens)")
+        from datagen import records
+
+        import numpy as np
+
+        f = np.asarray(floats, dtype=np.float64)
+        err = np.abs(records.dequantize_logprobs(records.quantize_logprobs(f.tolist())) - f)
+        print(f"(c) stored log-prob max abs error {err.max():.4f} nats over {len(f)} real vLLM values "
+              f"(mean {err.mean():.4f})")
+    print(f"benchmark driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

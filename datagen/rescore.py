@@ -1,0 +1,197 @@
+"""``datagen rescore OUTPUT_DIR --teacher TEACHER.yaml``: a self-hosted teacher's top-k
+log-probs over rows that already exist.
+
+Soft distillation needs the teacher's distribution at every response token. An API
+teacher may give none (or only strings), and survivors of filtering may come from a
+teacher other than the one a student should match. Re-scoring runs a vLLM teacher
+*teacher-forced* over prompt + response (vLLM ``prompt_logprobs``): no sampling, one
+forward pass per row, and the top-k at each response position are stored in the usual
+KD columns, so the trainer does not care what produced the text.
+
+Which tokens are scored:
+
+* the row's own ``token_ids`` when its ``tokenizer_fingerprint`` equals the re-scoring
+  teacher's (a row from the same model family: exact, end-of-text token included);
+* otherwise the response text, tokenized by the re-scoring teacher without special
+  tokens (an API row: the end-of-text token is not scored, since the text has none).
+
+The result is a derived store (like ``datagen dedupe``'s view), built aside and renamed
+into place: the source is never modified. Its rows keep their ids, text, verdicts and
+licenses; ``token_ids``, the log-prob columns and ``tokenizer_fingerprint`` are the
+re-scoring teacher's, ``provenance.logprobs_by`` names it and ``license.logprobs`` holds
+its terms (a student trained on those log-probs learns from that teacher's outputs, so
+``datagen export`` counts them in the row's class). Terms that cannot be mixed with a
+row's own are refused before any engine starts. A row that cannot be scored (too long
+for the context, empty) goes to the ``failed`` stream with its reason.
+
+Not yet: resuming a re-score killed half-way (it starts again; the source is untouched).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import TypeAdapter, ValidationError
+
+from datagen import records
+from datagen.config import Runtime, VLLMTeacher, format_validation_error, read_yaml
+from datagen.errors import ConfigError, DatagenError
+from datagen.shards import ShardStore, build_store
+
+
+@dataclass
+class RescoreResult:
+    dest: Path
+    rows: int = 0
+    by_ids: int = 0  # scored on the row's own token ids
+    by_text: int = 0  # scored on the re-tokenized response text
+    failed: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+def load_teacher(path: Path) -> VLLMTeacher:
+    """One teacher mapping, as in a job file's ``teachers:`` list; it must be ``backend: vllm``."""
+    data = read_yaml(path, what="teacher file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a teacher file must be one mapping (name, backend, model, ...)")
+    if data.get("backend") != "vllm":
+        raise ConfigError(f"{path}: backend: re-scoring needs a self-hosted vLLM teacher (backend: vllm), "
+                          f"got {data.get('backend')!r}")
+    try:
+        t = TypeAdapter(VLLMTeacher).validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where=str(path))) from None
+    if t.sampling.logprobs is None:
+        t = t.model_copy(update={"sampling": t.sampling.model_copy(update={"logprobs": 20})})
+    return t
+
+
+def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtime: Runtime | None = None,
+            inflight_per_actor: int = 2) -> RescoreResult:
+    import ray
+
+    from datagen.runner import _Actors, _cause, init_ray
+
+    store = ShardStore.open(src)
+    dest = dest or src / "rescored"
+    k = teacher.sampling.logprobs
+    lid = _terms(store, teacher)
+    res = RescoreResult(dest=dest)
+    started = time.perf_counter()
+    src_meta = store.job_meta()
+    meta = {**{key: v for key, v in src_meta.items() if key != "rescore"},
+            "rescore": {"source": str(src), "teacher": teacher.model_dump(mode="json"), "k": k}}
+    started_ray = init_ray(runtime or Runtime())
+    try:
+        actors = _Actors(_OneTeacher(teacher))
+        actors.wait_started(teacher_startup_s(runtime), lambda: False)
+        info = actors.info[teacher.name]
+        tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
+        with build_store(dest, meta) as out:
+            inflight: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
+            batches = _batches(store.iter_rows("accepted"), teacher.batch_size)
+            exhausted = False
+            while True:
+                while not exhausted:
+                    actor = actors.free(teacher.name, inflight_per_actor)
+                    if actor is None:
+                        break
+                    rows = next(batches, None)
+                    if rows is None:
+                        exhausted = True
+                        break
+                    reqs = [_request(r, info["tokenizer_fingerprint"], res) for r in rows]
+                    inflight[actor.rescore.remote(reqs, k=k)] = (actor, rows)
+                    actors.load[actor] += 1
+                if not inflight:
+                    break
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                actor, rows = inflight.pop(done[0])
+                actors.load[actor] -= 1
+                try:
+                    gens = ray.get(done[0])
+                except ray.exceptions.RayError as exc:
+                    raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {_cause(exc)}; "
+                                       f"nothing was written to {dest}") from None
+                for row, g in zip(rows, gens):
+                    _apply(row, g, info, tag)
+                    row["license"] = {**row["license"], "logprobs": lid}
+                    if g["error"]:
+                        res.failed[g["error"].split(":", 1)[0]] += 1
+                        out.add("failed", row)
+                    else:
+                        res.rows += 1
+                        out.add("accepted", row)
+                out.commit_due()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    res.seconds = time.perf_counter() - started
+    return res
+
+
+def _terms(store: ShardStore, teacher: VLLMTeacher) -> str:
+    """The re-scoring teacher's license id, checked against every license already in the store."""
+    from datagen import embedded
+    from datagen.licenses import Registry
+
+    meta = store.job_meta().get("job") or {}
+    registry = Registry.for_job(meta)
+    declared = teacher.license or (embedded.lookup(teacher.model).license if embedded.is_embedded(teacher.model)
+                                   else None)
+    lid = registry.teacher_license(model=teacher.model, license=declared)
+    if lid is None or registry.get(lid) is None:
+        raise ConfigError(f"teacher {teacher.name!r}: license: unknown terms for {teacher.model} "
+                          f"({lid or 'none declared'}); set `license:` to an id `datagen licenses` lists")
+    present = {v for per in store.manifest.license_totals().values() for v in per if v != "unknown"}
+    clash = registry.conflicts(present | {lid})
+    if clash:
+        raise ConfigError(f"re-scoring with {lid} would mix terms that conflict: {'; '.join(clash)}")
+    return lid
+
+
+def teacher_startup_s(runtime: Runtime | None) -> float:
+    return (runtime or Runtime()).startup_timeout_s
+
+
+class _OneTeacher:
+    """The slice of a Job that ``runner._Actors`` reads: one teacher."""
+
+    def __init__(self, teacher: VLLMTeacher):
+        self.teachers = [teacher]
+
+
+def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _request(row: dict[str, Any], fingerprint: str, res: RescoreResult) -> dict[str, Any]:
+    req: dict[str, Any] = {"row_id": row["row_id"], "messages": row["messages"]}
+    if row.get("token_ids") and row.get("tokenizer_fingerprint") == fingerprint:
+        req["response_ids"] = row["token_ids"]
+        res.by_ids += 1
+    else:
+        req["response"] = row.get("response") or ""
+        res.by_text += 1
+    return req
+
+
+def _apply(row: dict[str, Any], g: dict[str, Any], info: dict[str, Any], tag: str) -> None:
+    row.update(
+        token_ids=g["token_ids"], token_logprobs_q=records.quantize_logprobs(g["token_logprobs"]),
+        top_ids=g["top_ids"], top_logprobs_q=records.quantize_logprobs(g["top_logprobs"]),
+        tokenizer_fingerprint=info["tokenizer_fingerprint"] if not g["error"] else None,
+        error=g["error"],
+    )
+    row["provenance"] = {**(row.get("provenance") or {}), "logprobs_by": tag}

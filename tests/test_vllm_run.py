@@ -1,0 +1,131 @@
+"""Runs on the embedded vLLM teacher (CPU) that need a whole pipeline: an engine actor
+killed mid-run, and re-scoring that run's rows with a second engine.
+
+Slow (three engine starts, ~1 min each on 2 cores); CI runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from datagen import records
+from datagen.config import load_job
+from datagen.prompts import PromptStream
+from datagen.shards import ShardStore
+
+from .conftest import REPO, datagen
+
+pytestmark = pytest.mark.slow
+
+TEACHER = {
+    "name": "smol", "backend": "vllm", "model": "embedded:smollm2-135m-instruct",
+    "engine": {"max_model_len": 1024, "enforce_eager": True},
+    "sampling": {"temperature": 0.7, "max_tokens": 24, "n": 2, "logprobs": 5},
+    "batch_size": 4,
+}
+
+
+def _job(tmp_path: Path) -> Path:
+    job = {
+        "name": "kill", "seed": 3,
+        "prompts": {"template": str(REPO / "prompts" / "support_extract.yaml"), "count": 16},
+        "teachers": [TEACHER],
+        "filters": ["nonempty"],
+        "output": {"path": str(tmp_path / "out"), "commit_every_s": 1.0},
+        "runtime": {"num_cpus": 2, "inflight_per_actor": 2},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def _teacher_actor_pids() -> list[int]:
+    """Processes Ray titled ``ray::TeacherActor…``: the real actors, found the way an
+    operator would find them."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::TeacherActor"):
+            pids.append(p.info["pid"])
+    return pids
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run whose only engine actor is SIGKILLed after its first batch comes back."""
+    from datagen import runner
+
+    tmp = tmp_path_factory.mktemp("kill")
+    job_path = _job(tmp)
+    job = load_job(job_path)
+    stream, fp = runner.prepare(job)
+    store = ShardStore.create(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
+    killed: list[int] = []
+
+    def on_progress(stats):
+        if not killed and stats.generated >= 4:
+            pids = _teacher_actor_pids()
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    try:
+        stats = runner.execute(job, store, stream, on_progress=on_progress)
+    finally:
+        store.close()
+    return job_path, job, stats, killed
+
+
+def test_a_killed_vllm_actor_costs_time_not_rows(killed_run):
+    job_path, job, stats, killed = killed_run
+    assert killed, "the actor was never killed: the test proved nothing"
+    out = job.output.path
+    store = ShardStore.open(out)
+    ids = []
+    for s in ("accepted", "rejected"):
+        ids += store.read(s, columns=["row_id"]).column("row_id").to_pylist()
+    expected = {r.row_id for r in PromptStream(job, run_fingerprint="")}
+    # Ray restarted the engine and re-ran the batches it held: every row once, none twice.
+    assert len(ids) == len(set(ids)) == len(expected) == 32
+    assert set(ids) == expected
+    assert store.manifest.counts()["failed"] == 0
+    assert not stats.interrupted
+    assert datagen("verify", str(out)).returncode == 0
+
+
+def test_rescore_a_run_with_the_same_model_reproduces_its_logprobs(killed_run, tmp_path):
+    _, job, _, _ = killed_run
+    src = job.output.path
+    teacher = dict(TEACHER, sampling={"logprobs": 5})
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(teacher))
+    res = datagen("rescore", str(src), "--teacher", str(tmp_path / "t.yaml"), "--to", str(tmp_path / "rs"),
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "on their own token ids" in res.stdout
+    before = {r["row_id"]: r for r in ShardStore.open(src).read("accepted").to_pylist()}
+    after = ShardStore.open(tmp_path / "rs").read("accepted").to_pylist()
+    assert {r["row_id"] for r in after} == set(before)
+    worst = 0
+    for r in after:
+        b = before[r["row_id"]]
+        assert r["response"] == b["response"] and r["token_ids"] == b["token_ids"]
+        assert r["provenance"]["logprobs_by"].startswith("smol/vllm/embedded:smollm2-135m-instruct@")
+        assert r["license"]["logprobs"] == "Apache-2.0"
+        # Same model, teacher-forced over the same ids: the stored codes agree to within
+        # one quantisation step (0.01), position by position.
+        q_before, q_after = np.array(b["top_logprobs_q"]), np.array(r["top_logprobs_q"])
+        same = np.array(b["top_ids"]) == np.array(r["top_ids"])
+        assert same.mean() > 0.95  # the rest are near-ties swapping rank
+        worst = max(worst, int(np.abs(q_before - q_after)[same].max()))
+        np.testing.assert_allclose(records.dequantize_logprobs(r["token_logprobs_q"]),
+                                   records.dequantize_logprobs(b["token_logprobs_q"]), atol=0.011)
+    assert worst <= 1
+    assert datagen("verify", str(tmp_path / "rs")).returncode == 0
