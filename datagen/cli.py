@@ -60,6 +60,16 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     return 0
 
 
+def _output_arg(arg: str, *, command: str | None = None) -> Path | str:
+    """An output directory resolved, or an object-store URL as given (refused by
+    ``command``s that work on local files only)."""
+    if "://" in arg:
+        if command:
+            raise DatagenError(f"`datagen {command}` works on a local output; copy {arg} to disk first")
+        return arg
+    return Path(arg).resolve()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from datagen.config import load_job
 
@@ -71,14 +81,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from datagen.config import parse_job
     from datagen.shards import JOB_FILE, ShardStore
 
-    root = Path(args.output_dir).resolve()
+    root = _output_arg(args.output_dir)
     meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
     derived = next((k for k in ("export", "dedupe") if k in meta), None)
     if derived:
         raise DatagenError(f"{root} is a derived dataset (made by `datagen {derived}`), not a run; "
                            "resume the run it came from instead")
     job_path = Path(meta["job_file"]) if meta.get("job_file") else None
-    job = parse_job(meta["job"], where=str(root / JOB_FILE), base_dir=root)
+    job = parse_job(meta["job"], where=f"{root}/{JOB_FILE}", base_dir=Path.cwd() if isinstance(root, str) else root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
     return _run(job, job_path, resume=True, quiet=args.quiet)
 
@@ -107,7 +117,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from datagen.report import inspect_output
     from datagen.shards import ShardStore
 
-    store = ShardStore.open(Path(args.output_dir).resolve())
+    store = ShardStore.open(_output_arg(args.output_dir))
     inspect_output(store, Console(), rows=args.rows, stream=args.stream, as_json=args.json)
     return 0
 
@@ -115,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from datagen.export import export
 
-    res = export(Path(args.output_dir).resolve(), Path(args.to).resolve(), license_class=args.license_class,
+    res = export(_output_arg(args.output_dir, command="export"), Path(args.to).resolve(), license_class=args.license_class,
                  allow=args.allow, allow_incompatible=args.allow_incompatible)
     left = ", ".join(f"{why}: {n}" for why, n in sorted(res.dropped.items())) or "none"
     print(f"exported {res.rows} rows to {res.dest} (licenses: {', '.join(sorted(res.licenses)) or 'none'}; "
@@ -132,7 +142,7 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     from datagen.dedupe import dedupe
     from datagen.shards import ShardStore
 
-    src = Path(args.output_dir).resolve()
+    src = _output_arg(args.output_dir, command="dedupe")
     job = (ShardStore.open(src).job_meta().get("job") or {})
     settings = dict(job.get("dedupe") or {})
     for key in ("on", "threshold", "num_perm", "shingle", "ngram", "verify"):
@@ -153,7 +163,7 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from datagen.verify import verify
 
-    root = Path(args.output_dir).resolve()
+    root = _output_arg(args.output_dir)
     rep = verify(root)
     for note in rep.notes:
         print(f"note: {note}", file=sys.stderr)
