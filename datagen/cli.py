@@ -1,4 +1,5 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, export, verify, submit,
+jobs, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -175,6 +176,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from datagen import submit
+
+    sub = submit.build(args.job, working_dir=args.working_dir, output=args.output, requirements=args.requirements,
+                       runtime_env_file=args.runtime_env, env=args.env or [], python=args.python)
+    for warning in sub.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    job_id = submit.submit(sub, address=args.address)
+    print(job_id)
+    if sub.metadata["datagen_secret_env"]:
+        print(f"the cluster must provide: {sub.metadata['datagen_secret_env'].replace(',', ', ')}", file=sys.stderr)
+    if not args.follow:
+        print(f"follow it: datagen jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    final = submit.follow(job_id, address=args.address)
+    print(f"job {job_id}: {final}", file=sys.stderr)
+    return submit.EXIT.get(final, 1)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from datagen import submit
+
+    if args.action == "status":
+        info = submit.status(args.job_id, address=args.address)
+        print(json.dumps(info, indent=1, default=str) if args.json else
+              f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return submit.EXIT.get(submit.follow(args.job_id, address=args.address), 1)
+        sys.stdout.write(submit.logs(args.job_id, address=args.address))
+        return 0
+    stopped = submit.stop(args.job_id, address=args.address)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def cmd_licenses(args: argparse.Namespace) -> int:
     from datagen.licenses import Registry
 
@@ -240,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")
     r.add_argument("output_dir")
     r.set_defaults(func=cmd_verify)
+
+    address = {"help": "Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"}
+    r = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API")
+    r.add_argument("job", help="job file (YAML), inside the working directory")
+    r.add_argument("--address", **address)
+    r.add_argument("--output", "-o", help="output.path on the cluster: s3://bucket/prefix or shared storage")
+    r.add_argument("--working-dir", help="folder to upload (default: the current one)")
+    r.add_argument("--requirements", help="pip requirements file to install on the cluster")
+    r.add_argument("--runtime-env", help="runtime env template (YAML), e.g. cluster/runtime-env.yaml")
+    r.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret env var for the job")
+    r.add_argument("--python", default="python", help="python on the cluster (default: python)")
+    r.add_argument("--follow", "-f", action="store_true", help="stream the job's logs until it ends")
+    r.set_defaults(func=cmd_submit)
+
+    r = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    r.add_argument("action", choices=["status", "logs", "stop"])
+    r.add_argument("job_id")
+    r.add_argument("--address", **address)
+    r.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    r.add_argument("--json", action="store_true", help="status: machine-readable")
+    r.set_defaults(func=cmd_jobs)
 
     r = sub.add_parser("licenses", help="list the license registry")
     r.set_defaults(func=cmd_licenses)
