@@ -19,8 +19,9 @@ Step 4 is the commit. A crash before it leaves a temp file or an orphan shard th
 reader trusts (readers open only what the manifest lists) and that ``sweep()`` deletes
 on resume; the rows in it are regenerated. A crash after it loses nothing.
 
-Not covered: object stores without rename (the cluster issue adds a manifest-entry-
-per-object variant); two drivers writing one directory at once (refused by a lock
+Object stores have no rename: ``datagen/objstore.py`` subclasses the store and its
+writer (unique object names, the manifest PUT is the commit, a lease object instead of
+``flock``). Not covered: two drivers writing one directory at once (refused by a lock
 file, but only on filesystems where ``flock`` works); silent bit-rot after the commit
 (``verify`` catches it via the sha256, the reader does not re-hash on every open).
 """
