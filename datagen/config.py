@@ -135,7 +135,10 @@ class StorageOptions(Strict):
 
 
 # s3://bucket/prefix: an object store (datagen/objstore.py); anything else is a local path.
-ObjectURL = Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s]*)?$")]
+_S3_URL = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s@]*)?$"
+_BAD_URL = ("must be a local path or s3://bucket/prefix (bucket: 3-63 lower-case letters, digits, "
+            "dots, hyphens; no credentials or query)")
+ObjectURL = Annotated[str, Field(pattern=_S3_URL)]
 
 
 class Output(Strict):
@@ -145,10 +148,8 @@ class Output(Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _url(cls, v: Any) -> Any:
-        if isinstance(v, str) and "://" in v and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s@]*)?$", v):
-            # Not echoed: a URL may carry credentials (s3://KEY:SECRET@bucket).
-            raise ValueError("must be a local path or s3://bucket/prefix (bucket: 3-63 lower-case "
-                             "letters, digits, dots, hyphens; no credentials or query)")
+        if isinstance(v, str) and "://" in v and not re.match(_S3_URL, v):
+            raise ValueError(_BAD_URL)  # not echoed: a URL may carry credentials (s3://KEY:SECRET@bucket)
         return v
     shard_rows: int = Field(5000, ge=1)
     shard_bytes: int = Field(256 * 2**20, ge=4096, description="roll over at about this many bytes")
@@ -313,6 +314,8 @@ def _resolve_paths(job: Job, base: Path) -> Job:
 def out_path(p: str | os.PathLike[str], base: Path) -> str | Path:
     """An object-store URL as given; a local path resolved against ``base``."""
     if isinstance(p, str) and "://" in p:
+        if not re.match(_S3_URL, p):
+            raise ConfigError(f"--output: {_BAD_URL}")
         return p
     p = Path(p)
     return p if p.is_absolute() else (base / p).resolve()

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from datagen.config import Output
-from datagen.errors import OutputError
+from datagen.errors import ConfigError, OutputError
 from datagen.objstore import ObjectShardStore
 from datagen.shards import LOCK_FILE, MANIFEST, ShardStore
 from datagen.testing.s3 import MotoS3
 from datagen.verify import verify
 
-from .conftest import datagen, write_job
+from .conftest import REPO, datagen, write_job
 from .test_shards import row
 
 META = {"name": "t", "run_fingerprint": "fp", "job": {}}
@@ -159,6 +159,20 @@ def test_create_refuses_a_used_prefix_and_bad_urls(s3env, request):
         Output.model_validate({"path": "s3://KEY:SECRET@bucket/x"})
     with pytest.raises(Exception, match="unknown field|Extra inputs"):
         Output.model_validate({"path": url, "storage_options": {"secret_access_key": "x"}})
+    from datagen.config import load_job
+
+    with pytest.raises(ConfigError, match="--output: must be a local path or s3://bucket/prefix"):
+        load_job(REPO / "examples" / "quickstart.yaml", output="s3://Bad_Bucket/x")
+    import yaml
+
+    from datagen.config import parse_job
+
+    data = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    data["output"]["path"] = "s3://AKIAEXAMPLE:topsecret@bucket/x"
+    with pytest.raises(ConfigError) as err:
+        parse_job(data, where="job.yaml", base_dir=REPO / "examples")
+    assert str(err.value).startswith("job.yaml: output.path: must be a local path or s3://")
+    assert "topsecret" not in str(err.value)
 
 
 def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
@@ -192,3 +206,44 @@ def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     assert res.returncode == 1 and name in res.stderr
     res = datagen("export", url, "--to", str(tmp_path / "x"), env=env)
     assert res.returncode == 1 and "works on a local output" in res.stderr
+
+
+def test_killed_run_on_s3_resumes_to_exactly_the_expected_rows(tmp_path, s3env, fake_server):
+    import os
+    import signal
+    import time
+
+    from .test_pipeline import _start, expected_ids
+
+    url = s3env.url("killed-run")
+    fake_server.inject("latency", times=None, seconds=0.1)
+    job = write_job(tmp_path, base_url=fake_server.base_url, count=40, batch_size=2,
+                    output={"path": url, "shard_rows": 4, "commit_every_s": 0.2})
+    proc = _start(job)
+
+    def committed() -> int:
+        try:
+            counts = ShardStore.open(url).manifest.counts()
+        except OutputError:
+            return 0
+        return counts["accepted"] + counts["rejected"]
+
+    deadline = time.monotonic() + 120
+    while committed() < 8:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "run made no progress"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all: the lease object stays behind
+    proc.wait()
+    assert LOCK_FILE in objects(s3env, "killed-run")
+    before = ShardStore.open(url).row_ids()
+    assert 8 <= len(before) < 40
+
+    fake_server.clear()
+    res = datagen("resume", url, "--quiet")  # same host, dead pid: the stale lease is taken over
+    assert res.returncode == 0, res.stderr
+    store = ShardStore.open(url)
+    ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 40
+    assert set(ids) == expected_ids(job) and before <= set(ids)
+    assert verify(url).ok
