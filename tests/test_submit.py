@@ -66,11 +66,20 @@ def test_build_refuses(tmp_path, kw, message):
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def s3():
+    from datagen.testing.s3 import MotoS3
+
+    with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3):
     from datagen.testing.ray_head import LocalRayHead
 
-    # The teacher's key lives in the cluster's environment, as a Secret would put it there.
-    head = LocalRayHead(num_cpus=2, env={"FAKE_TEACHER_KEY": SECRET})
+    # The teacher's key and the store's credentials live in the cluster's environment, as
+    # a Secret or an instance role would put them there.
+    head = LocalRayHead(num_cpus=2, env={"FAKE_TEACHER_KEY": SECRET, **s3.env})
     with head:
         yield head
     assert head.processes() == [], "Ray processes left behind"
@@ -142,3 +151,21 @@ def test_a_secret_the_cluster_lacks_fails_the_job_by_name(tmp_path, fake_server,
     assert res.returncode == 1
     assert "environment variable KEY_NOT_ON_CLUSTER is not set" in res.stdout
     assert SECRET not in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_submit_writes_to_s3_with_the_clusters_credentials(tmp_path, fake_server, ray_head, s3, monkeypatch):
+    job = project(tmp_path, fake_server.base_url, count=5, n=2, shard_rows=4)
+    url = s3.url("submitted")
+    # The submitting shell has neither the teacher's key nor the store's secret.
+    env = {**ray_head.client_env, "FAKE_TEACHER_KEY": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ACCESS_KEY_ID": ""}
+    res = datagen("submit", str(job), "--address", ray_head.address, "--output", url, "--follow",
+                  "--python", sys.executable, env=env, cwd=job.parent, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    store = ShardStore.open(url)
+    ids = store.row_ids()
+    assert len(ids) == 10 and ids == expected_ids(job)
+    assert store.job_meta()["job"]["output"]["path"] == url
+    assert not (tmp_path / "out").exists()
