@@ -93,8 +93,9 @@ def _io_error(exc: Exception, what: str) -> OutputError:
 class _HashingSink:
     """A write-only file for ParquetWriter that hashes and counts the bytes it uploads."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, url: str):
         self._stream = stream
+        self.url = url
         self.sha = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -108,6 +109,9 @@ class _HashingSink:
 
     def tell(self) -> int:
         return self.size
+
+    def __str__(self) -> str:  # named in error messages
+        return self.url
 
     def flush(self) -> None:
         pass  # an S3 stream uploads parts on its own schedule; close() completes it
@@ -158,7 +162,8 @@ class ObjectStreamWriter(StreamWriter):
     def _open_sink(self) -> Any:
         seq = self.store.manifest.next_seq(self.stream)
         self._name = f"{self.stream}/part-{seq:06d}-{uuid.uuid4().hex[:12]}.parquet"
-        self._tmp = _HashingSink(self.store.fs.open_output_stream(self.store.key(self._name)))
+        self._tmp = _HashingSink(self.store.fs.open_output_stream(self.store.key(self._name)),
+                                 f"{self.store.root}/{self._name}")
         return self._tmp
 
     def _seal(self, seq: int) -> tuple[str, int, str]:

@@ -175,6 +175,7 @@ def test_create_refuses_a_used_prefix_and_bad_urls(s3env, request):
     assert "topsecret" not in str(err.value)
 
 
+@pytest.mark.slow  # a full run through local Ray: ~45 s on 2 shared cores
 def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     s3 = s3env
     url = s3.url("cli-run")
@@ -208,6 +209,7 @@ def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     assert res.returncode == 1 and "works on a local output" in res.stderr
 
 
+@pytest.mark.slow  # a full run through local Ray: ~45 s on 2 shared cores
 def test_killed_run_on_s3_resumes_to_exactly_the_expected_rows(tmp_path, s3env, fake_server):
     import os
     import signal
