@@ -1,4 +1,5 @@
-"""``datagen verify DIR``: check every committed shard against the manifest.
+"""``datagen verify DIR``: check every committed shard against the manifest (DIR may be an
+``s3://`` URL: the checks go through the store's own file access).
 
 For each shard listed: the file exists, its size and sha256 match, Parquet can read its
 footer, the row count and schema version match, and the license summary recomputed
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from datagen import records
 from datagen.shards import ShardStore, license_summary
