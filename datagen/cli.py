@@ -1,4 +1,5 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, rescore, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, rescore, export, verify,
+submit, jobs, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -60,6 +61,16 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     return 0
 
 
+def _output_arg(arg: str, *, command: str | None = None) -> Path | str:
+    """An output directory resolved, or an object-store URL as given (refused by
+    ``command``s that work on local files only)."""
+    if "://" in arg:
+        if command:
+            raise DatagenError(f"`datagen {command}` works on a local output; copy {arg} to disk first")
+        return arg
+    return Path(arg).resolve()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from datagen.config import load_job
 
@@ -71,14 +82,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from datagen.config import parse_job
     from datagen.shards import JOB_FILE, ShardStore
 
-    root = Path(args.output_dir).resolve()
+    root = _output_arg(args.output_dir)
     meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
     derived = next((k for k in ("export", "dedupe") if k in meta), None)
     if derived:
         raise DatagenError(f"{root} is a derived dataset (made by `datagen {derived}`), not a run; "
                            "resume the run it came from instead")
     job_path = Path(meta["job_file"]) if meta.get("job_file") else None
-    job = parse_job(meta["job"], where=str(root / JOB_FILE), base_dir=root)
+    job = parse_job(meta["job"], where=f"{root}/{JOB_FILE}", base_dir=Path.cwd() if isinstance(root, str) else root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
     return _run(job, job_path, resume=True, quiet=args.quiet)
 
@@ -107,7 +118,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from datagen.report import inspect_output
     from datagen.shards import ShardStore
 
-    store = ShardStore.open(Path(args.output_dir).resolve())
+    store = ShardStore.open(_output_arg(args.output_dir))
     inspect_output(store, Console(), rows=args.rows, stream=args.stream, as_json=args.json)
     return 0
 
@@ -115,7 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from datagen.export import export
 
-    res = export(Path(args.output_dir).resolve(), Path(args.to).resolve(), license_class=args.license_class,
+    res = export(_output_arg(args.output_dir, command="export"), Path(args.to).resolve(), license_class=args.license_class,
                  allow=args.allow, allow_incompatible=args.allow_incompatible)
     left = ", ".join(f"{why}: {n}" for why, n in sorted(res.dropped.items())) or "none"
     print(f"exported {res.rows} rows to {res.dest} (licenses: {', '.join(sorted(res.licenses)) or 'none'}; "
@@ -132,7 +143,7 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     from datagen.dedupe import dedupe
     from datagen.shards import ShardStore
 
-    src = Path(args.output_dir).resolve()
+    src = _output_arg(args.output_dir, command="dedupe")
     job = (ShardStore.open(src).job_meta().get("job") or {})
     settings = dict(job.get("dedupe") or {})
     for key in ("on", "threshold", "num_perm", "shingle", "ngram", "verify"):
@@ -156,7 +167,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     teacher = load_teacher(Path(args.teacher))
     if args.logprobs is not None:
         teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"logprobs": args.logprobs})})
-    res = rescore(Path(args.output_dir).resolve(), teacher, dest=Path(args.to).resolve() if args.to else None)
+    res = rescore(_output_arg(args.output_dir, command="rescore"), teacher,
+                  dest=Path(args.to).resolve() if args.to else None)
     failed = ", ".join(f"{why}: {n}" for why, n in sorted(res.failed.items())) or "none"
     print(f"re-scored {res.rows} rows with top-{teacher.sampling.logprobs} from {teacher.name} "
           f"({res.by_ids} on their own token ids, {res.by_text} on re-tokenized text; failed: {failed}) "
@@ -167,7 +179,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from datagen.verify import verify
 
-    root = Path(args.output_dir).resolve()
+    root = _output_arg(args.output_dir)
     rep = verify(root)
     for note in rep.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -176,6 +188,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if rep.problems:
         return 1
     print(f"ok: {root}: {rep.shards} shards, {rep.rows} rows match the manifest")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from datagen import submit
+
+    sub = submit.build(args.job, working_dir=args.working_dir, output=args.output, requirements=args.requirements,
+                       runtime_env_file=args.runtime_env, env=args.env or [], python=args.python)
+    for warning in sub.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    job_id = submit.submit(sub, address=args.address)
+    print(job_id)
+    if sub.metadata["datagen_secret_env"]:
+        print(f"the cluster must provide: {sub.metadata['datagen_secret_env'].replace(',', ', ')}", file=sys.stderr)
+    if not args.follow:
+        print(f"follow it: datagen jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    final = submit.follow(job_id, address=args.address)
+    print(f"job {job_id}: {final}", file=sys.stderr)
+    return submit.EXIT.get(final, 1)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from datagen import submit
+
+    if args.action == "status":
+        info = submit.status(args.job_id, address=args.address)
+        print(json.dumps(info, indent=1, default=str) if args.json else
+              f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return submit.EXIT.get(submit.follow(args.job_id, address=args.address), 1)
+        sys.stdout.write(submit.logs(args.job_id, address=args.address))
+        return 0
+    stopped = submit.stop(args.job_id, address=args.address)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
 
@@ -251,6 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")
     r.add_argument("output_dir")
     r.set_defaults(func=cmd_verify)
+
+    address = {"help": "Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"}
+    r = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API")
+    r.add_argument("job", help="job file (YAML), inside the working directory")
+    r.add_argument("--address", **address)
+    r.add_argument("--output", "-o", help="output.path on the cluster: s3://bucket/prefix or shared storage")
+    r.add_argument("--working-dir", help="folder to upload (default: the current one)")
+    r.add_argument("--requirements", help="pip requirements file to install on the cluster")
+    r.add_argument("--runtime-env", help="runtime env template (YAML), e.g. cluster/runtime-env.yaml")
+    r.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret env var for the job")
+    r.add_argument("--python", default="python", help="python on the cluster (default: python)")
+    r.add_argument("--follow", "-f", action="store_true", help="stream the job's logs until it ends")
+    r.set_defaults(func=cmd_submit)
+
+    r = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    r.add_argument("action", choices=["status", "logs", "stop"])
+    r.add_argument("job_id")
+    r.add_argument("--address", **address)
+    r.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    r.add_argument("--json", action="store_true", help="status: machine-readable")
+    r.set_defaults(func=cmd_jobs)
 
     r = sub.add_parser("licenses", help="list the license registry")
     r.set_defaults(func=cmd_licenses)

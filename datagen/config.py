@@ -152,8 +152,32 @@ class Prompts(Strict):
     count: int | None = Field(None, ge=1, description="prompts to use; default all the seeds give")
 
 
+class StorageOptions(Strict):
+    """Where an object-store output lives. Credentials are not settable here on purpose:
+    they come from the standard AWS environment (see datagen/objstore.py)."""
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^/@?#\s]+/?$",
+                                     description="S3-compatible endpoint (MinIO, R2, ...); default AWS")
+    region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,32}$")
+
+
+# s3://bucket/prefix: an object store (datagen/objstore.py); anything else is a local path.
+_S3_URL = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s@]*)?$"
+_BAD_URL = ("must be a local path or s3://bucket/prefix (bucket: 3-63 lower-case letters, digits, "
+            "dots, hyphens; no credentials or query)")
+ObjectURL = Annotated[str, Field(pattern=_S3_URL)]
+
+
 class Output(Strict):
-    path: Path
+    path: Union[ObjectURL, Path] = Field(description="output directory, or s3://bucket/prefix")
+    storage_options: StorageOptions | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _url(cls, v: Any) -> Any:
+        if isinstance(v, str) and "://" in v and not re.match(_S3_URL, v):
+            raise ValueError(_BAD_URL)  # not echoed: a URL may carry credentials (s3://KEY:SECRET@bucket)
+        return v
     shard_rows: int = Field(5000, ge=1)
     shard_bytes: int = Field(256 * 2**20, ge=4096, description="roll over at about this many bytes")
     row_group_rows: int = Field(512, ge=1)
@@ -267,7 +291,7 @@ def format_validation_error(exc: ValidationError, *, where: str) -> str:
             lines.append(f"{where}: {loc}: unknown field")
         elif err["type"] == "missing":
             lines.append(f"{where}: {loc}: required field is missing")
-        elif loc.endswith(("api_key_env", "base_url")):  # never echo what may hold a key
+        elif loc.endswith(("api_key_env", "base_url", "output.path")):  # never echo what may hold a key
             lines.append(f"{where}: {loc}: {msg}")
         else:
             lines.append(f"{where}: {loc}: {msg} (got {_short(err.get('input'))})")
@@ -315,10 +339,20 @@ def _resolve_paths(job: Job, base: Path) -> Job:
     return job.model_copy(
         update={
             "prompts": job.prompts.model_copy(update={"template": rel(job.prompts.template)}),
-            "output": job.output.model_copy(update={"path": rel(job.output.path)}),
+            "output": job.output.model_copy(update={"path": out_path(job.output.path, base)}),
             "teachers": [teacher(t) for t in job.teachers],
         }
     )
+
+
+def out_path(p: str | os.PathLike[str], base: Path) -> str | Path:
+    """An object-store URL as given; a local path resolved against ``base``."""
+    if isinstance(p, str) and "://" in p:
+        if not re.match(_S3_URL, p):
+            raise ConfigError(f"--output: {_BAD_URL}")
+        return p
+    p = Path(p)
+    return p if p.is_absolute() else (base / p).resolve()
 
 
 def load_job(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None) -> Job:
@@ -327,7 +361,7 @@ def load_job(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | N
     job = parse_job(read_yaml(path, what="job file"), where=str(path), base_dir=path.parent.resolve())
     if output is not None:
         job = job.model_copy(
-            update={"output": job.output.model_copy(update={"path": Path(output).resolve()})}
+            update={"output": job.output.model_copy(update={"path": out_path(output, Path.cwd())})}
         )
     return job
 

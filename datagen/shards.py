@@ -19,8 +19,9 @@ Step 4 is the commit. A crash before it leaves a temp file or an orphan shard th
 reader trusts (readers open only what the manifest lists) and that ``sweep()`` deletes
 on resume; the rows in it are regenerated. A crash after it loses nothing.
 
-Not covered: object stores without rename (the cluster issue adds a manifest-entry-
-per-object variant); two drivers writing one directory at once (refused by a lock
+Object stores have no rename: ``datagen/objstore.py`` subclasses the store and its
+writer (unique object names, the manifest PUT is the commit, a lease object instead of
+``flock``). Not covered: two drivers writing one directory at once (refused by a lock
 file, but only on filesystems where ``flock`` works); silent bit-rot after the commit
 (``verify`` catches it via the sha256, the reader does not re-hash on every open).
 """
@@ -51,6 +52,11 @@ MANIFEST = "manifest.json"
 JOB_FILE = "datagen-job.json"
 LOCK_FILE = ".datagen.lock"
 FORMAT = "datagen-shards"
+
+
+def is_url(root: Any) -> bool:
+    """``s3://bucket/prefix`` and the like: an object store, not a local path."""
+    return isinstance(root, str) and "://" in root
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,6 +97,8 @@ def _disk_error(exc: OSError, what: str) -> OutputError:
 class Manifest:
     """The list of committed shards. Readers trust it, not the directory listing."""
 
+    filesystem: Any = None  # a pyarrow FileSystem for object stores; None reads local paths
+
     def __init__(self, root: Path, data: dict[str, Any]):
         self.root = root
         self.data = data
@@ -107,19 +115,10 @@ class Manifest:
         if not root.is_dir():
             raise OutputError(f"not a directory: {root}")
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise OutputError(f"{root} is not a datagen output (no {MANIFEST})") from None
-        except json.JSONDecodeError as exc:
-            raise OutputError(f"{path} is corrupt ({exc.msg}); it is only ever replaced atomically, "
-                              "so something outside datagen wrote to it") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("shards"), list):
-            raise OutputError(f"{path} is not a datagen manifest")
-        try:
-            records.check_schema_version(data.get("schema_version"), where=str(path))
-        except ValueError as exc:
-            raise OutputError(str(exc)) from None
-        return cls(root, data)
+        return cls(root, parse_manifest(text, where=str(path)))
 
     def save(self) -> None:
         atomic_write_text(self.root / MANIFEST, json.dumps(self.data, indent=1, sort_keys=True))
@@ -158,6 +157,21 @@ class Manifest:
         return paths
 
 
+def parse_manifest(text: str, *, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"{where} is corrupt ({exc.msg}); it is only ever replaced atomically, "
+                          "so something outside datagen wrote to it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("shards"), list):
+        raise OutputError(f"{where} is not a datagen manifest")
+    try:
+        records.check_schema_version(data.get("schema_version"), where=where)
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
+    return data
+
+
 def license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, Counter] = {"teacher": Counter(), "seed": Counter(), "template": Counter()}
     for row in rows:
@@ -185,13 +199,16 @@ class StreamWriter:
     def __init__(self, store: ShardStore, stream: str):
         self.store = store
         self.stream = stream
-        self.dir = store.root / stream
         self._pending: list[dict[str, Any]] = []  # rows not yet in a row group
         self._shard_rows: list[dict[str, Any]] = []  # summaries of rows in the open shard
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
         self._opened_at = time.monotonic()
         self._broken: str | None = None  # set by a failed write: never commit after that
+
+    @property
+    def dir(self) -> Path:
+        return self.store.root / self.stream
 
     @property
     def open_rows(self) -> int:
@@ -213,8 +230,36 @@ class StreamWriter:
     def due(self) -> bool:
         return self.open_rows > 0 and time.monotonic() - self._opened_at >= self.store.output.commit_every_s
 
+    # -- where the bytes go: a local temp file renamed into place (an object store's
+    # writer, in datagen/objstore.py, overrides these three) -------------------------
     def _bytes(self) -> int:
         return self._tmp.stat().st_size if self._tmp is not None and self._tmp.exists() else 0
+
+    def _open_sink(self) -> Any:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        seq = self.store.manifest.next_seq(self.stream)
+        self._tmp = self.dir / f".part-{seq:06d}.parquet.tmp"
+        return self._tmp
+
+    def _seal(self, seq: int) -> tuple[str, int, str]:
+        """Close the open shard and make it durable under its final name: (file, bytes, sha256)."""
+        final = self.dir / f"part-{seq:06d}.parquet"
+        try:
+            self._writer.close()
+            with open(self._tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = sha256_file(self._tmp)
+            size = self._tmp.stat().st_size
+            os.replace(self._tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            self._broken = str(exc)
+            raise _disk_error(exc, f"committing {final}") from None
+        return str(final.relative_to(self.store.root)), size, digest
+
+    def _discard_sink(self) -> None:
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def _check(self) -> None:
         if self._broken:
@@ -229,11 +274,8 @@ class StreamWriter:
         table = records.to_table(pending)
         try:
             if self._writer is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                seq = self.store.manifest.next_seq(self.stream)
-                self._tmp = self.dir / f".part-{seq:06d}.parquet.tmp"
                 self._writer = pq.ParquetWriter(
-                    self._tmp, records.SCHEMA, compression=self.store.output.compression,
+                    self._open_sink(), records.SCHEMA, compression=self.store.output.compression,
                 )
             self._writer.write_table(table, row_group_size=len(pending))
         except OSError as exc:
@@ -248,23 +290,12 @@ class StreamWriter:
         self._flush_row_group()
         assert self._writer is not None and self._tmp is not None
         seq = self.store.manifest.next_seq(self.stream)
-        final = self.dir / f"part-{seq:06d}.parquet"
-        try:
-            self._writer.close()
-            with open(self._tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest = sha256_file(self._tmp)
-            size = self._tmp.stat().st_size
-            os.replace(self._tmp, final)
-            _fsync_dir(self.dir)
-        except OSError as exc:
-            self._broken = str(exc)
-            raise _disk_error(exc, f"committing {final}") from None
+        file, size, digest = self._seal(seq)
         reasons = Counter(r["reason"] for r in self._shard_rows if r["reason"])
         entry = {
             "stream": self.stream,
             "seq": seq,
-            "file": str(final.relative_to(self.store.root)),
+            "file": file,
             "rows": len(self._shard_rows),
             "bytes": size,
             "sha256": digest,
@@ -291,24 +322,33 @@ class StreamWriter:
                 self._writer.close()
             except OSError:
                 pass
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+        self._discard_sink()
         self._writer, self._tmp, self._pending, self._shard_rows = None, None, [], []
 
 
 class ShardStore:
-    """One output directory. ``create`` for a new run, ``open`` to resume or read."""
+    """One output directory. ``create`` for a new run, ``open`` to resume or read.
+
+    ``root`` may also be an object-store URL (``s3://bucket/prefix``): ``create`` and
+    ``open`` then return a ``datagen.objstore.ObjectShardStore``, same interface, with
+    the commit protocol for a store that has no rename."""
+
+    writer_class: type[StreamWriter] = StreamWriter
 
     def __init__(self, root: Path, manifest: Manifest, output: Any):
         self.root = root
         self.manifest = manifest
         self.output = output
         self._lock_fd: int | None = None
-        self.writers = {s: StreamWriter(self, s) for s in records.STREAMS}
+        self.writers = {s: self.writer_class(self, s) for s in records.STREAMS}
 
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
+    def create(cls, root: Path | str, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
+        if cls is ShardStore and is_url(root):
+            from datagen.objstore import ObjectShardStore
+
+            return ObjectShardStore.create(root, output, job_meta=job_meta)
         if root.exists() and not root.is_dir():
             raise OutputError(f"output path exists and is a file, not a directory: {root}")
         if (root / MANIFEST).exists():
@@ -337,7 +377,11 @@ class ShardStore:
         return store
 
     @classmethod
-    def open(cls, root: Path, output: Any = None, *, for_writing: bool = False) -> ShardStore:
+    def open(cls, root: Path | str, output: Any = None, *, for_writing: bool = False) -> ShardStore:
+        if cls is ShardStore and is_url(root):
+            from datagen.objstore import ObjectShardStore
+
+            return ObjectShardStore.open(root, output, for_writing=for_writing)
         manifest = Manifest.load(root)  # also the clear error for a non-output directory
         store = cls(root, manifest, output)
         if for_writing:
@@ -403,11 +447,30 @@ class ShardStore:
             w.commit()
 
     # -- reading -------------------------------------------------------------------
+    # File-level access by manifest-relative name, for `verify`: local files here, objects
+    # in ObjectShardStore.
+    def size_of(self, rel: str) -> int | None:
+        """Bytes of a stored file, None when it is missing."""
+        path = self.root / rel
+        return path.stat().st_size if path.is_file() else None
+
+    def sha256_of(self, rel: str) -> str:
+        return sha256_file(self.root / rel)
+
+    def parquet_file(self, rel: str) -> pq.ParquetFile:
+        return pq.ParquetFile(self.root / rel)
+
+    def listing(self, stream: str) -> list[str]:
+        """Every file under a stream's folder, committed or not, sorted."""
+        d = self.root / stream
+        return sorted(str(p.relative_to(self.root)) for p in d.iterdir()) if d.is_dir() else []
+
     def row_ids(self, streams: Iterable[str] = ("accepted", "rejected")) -> set[str]:
         ids: set[str] = set()
         for stream in streams:
             for path in self.manifest.files(stream):
-                ids.update(pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist())
+                ids.update(pq.read_table(path, columns=["row_id"], filesystem=self.manifest.filesystem)
+                           .column("row_id").to_pylist())
         return ids
 
     def unresolved_failures(self) -> int:
@@ -422,12 +485,14 @@ class ShardStore:
         if not files:
             return records.SCHEMA.empty_table() if columns is None else \
                 records.SCHEMA.empty_table().select(columns)
-        return pa.concat_tables(pq.read_table(p, columns=columns) for p in files)
+        fs = self.manifest.filesystem
+        return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=fs) for p in files)
 
     def iter_rows(self, stream: str = "accepted", batch_rows: int = 1024) -> Iterator[dict[str, Any]]:
         """Stream rows shard by shard, row group by row group: memory flat in dataset size."""
         for path in self.manifest.files(stream):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            pf = pq.ParquetFile(path, filesystem=self.manifest.filesystem)
+            for batch in pf.iter_batches(batch_size=batch_rows):
                 yield from batch.to_pylist()
 
 

@@ -1,4 +1,5 @@
-"""``datagen verify DIR``: check every committed shard against the manifest.
+"""``datagen verify DIR``: check every committed shard against the manifest (DIR may be an
+``s3://`` URL: the checks go through the store's own file access).
 
 For each shard listed: the file exists, its size and sha256 match, Parquet can read its
 footer, the row count and schema version match, and the license summary recomputed
@@ -12,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from datagen import records
-from datagen.shards import Manifest, license_summary, sha256_file
+from datagen.shards import ShardStore, license_summary
 
 
 @dataclass
@@ -30,28 +29,29 @@ class Report:
         return not self.problems
 
 
-def verify(root: Path) -> Report:
-    manifest = Manifest.load(root)
+def verify(root: Path | str) -> Report:
+    """``root``: an output directory or an object-store URL (``s3://bucket/prefix``)."""
+    store = ShardStore.open(root)
+    manifest = store.manifest
     rep = Report()
     listed = set()
     for s in manifest.shards:
-        path = root / s["file"]
-        listed.add(path)
         name = s["file"]
+        listed.add(name)
         rep.shards += 1
-        if not path.is_file():
+        size = store.size_of(name)
+        if size is None:
             rep.problems.append(f"{name}: missing (listed in the manifest)")
             continue
-        size = path.stat().st_size
         if size != s["bytes"]:
             rep.problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or rewritten)")
             continue
-        digest = sha256_file(path)
+        digest = store.sha256_of(name)
         if digest != s["sha256"]:
             rep.problems.append(f"{name}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}…")
             continue
         try:
-            pf = pq.ParquetFile(path)
+            pf = store.parquet_file(name)
             meta = pf.schema_arrow.metadata or {}
             version = meta.get(b"datagen.schema_version", b"").decode() or None
             licenses = pf.read(columns=["license"]).column("license").to_pylist()
@@ -71,16 +71,12 @@ def verify(root: Path) -> Report:
             rep.problems.append(f"{name}: license tags differ from the manifest's license summary")
         rep.rows += s["rows"]
     for rel, digest in (manifest.data.get("files") or {}).items():
-        path = root / rel
-        if not path.is_file():
+        if store.size_of(rel) is None:
             rep.problems.append(f"{rel}: missing (listed in the manifest)")
-        elif sha256_file(path) != digest:
+        elif store.sha256_of(rel) != digest:
             rep.problems.append(f"{rel}: sha256 does not match the manifest")
     for stream in records.STREAMS:
-        d = root / stream
-        if d.is_dir():
-            for p in sorted(d.iterdir()):
-                if p not in listed:
-                    rep.notes.append(f"{p.relative_to(root)}: not in the manifest (uncommitted; "
-                                     "readers ignore it, resume deletes it)")
+        for rel in store.listing(stream):
+            if rel not in listed:
+                rep.notes.append(f"{rel}: not in the manifest (uncommitted; readers ignore it, resume deletes it)")
     return rep
