@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: provenance.axes, provenance.reference
 
 # Streams a run writes. ``accepted`` rows passed every filter; ``rejected`` rows were
 # dropped by a filter verdict (a real check on the data); ``failed`` rows never got a
@@ -95,6 +95,11 @@ SCHEMA = pa.schema(
                     ("template_hash", pa.string()),
                     ("seed_source", pa.string()),
                     ("seed_ids", pa.list_(pa.string())),
+                    # The diversity-axis values this prompt was dealt (null: no axes).
+                    ("axes", pa.map_(pa.string(), pa.string())),
+                    # Canonical JSON of the seed columns the template names as references
+                    # (a math answer, a code task's tests) for filters to check against.
+                    ("reference", pa.string()),
                 ]
             ),
         ),
