@@ -1,4 +1,4 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, preview, schema, inspect, dedupe, export, verify, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -40,6 +40,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
             )
     else:
         store = ShardStore.create(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
+    prompt_lines = _write_prompts_report(stream, root)
     try:
         with LiveProgress(err, job.name) as progress:
             stats = runner.execute(job, store, stream, on_progress=progress)
@@ -47,6 +48,8 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         store.close()
     if not quiet:
         out.print(summary_table(stats, store))
+        for line in prompt_lines:
+            out.print(line, soft_wrap=True, highlight=False)
         out.print(where_line(store), soft_wrap=True, highlight=False)
     if stats.interrupted:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
@@ -58,6 +61,17 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
                   f"`datagen resume {root}` retries them", style="yellow")
         return EXIT_FAILED_ROWS
     return 0
+
+
+def _write_prompts_report(stream, root: Path) -> list[str]:
+    """The prompt plan's diversity report, beside the manifest (``inspect`` shows it)."""
+    from datagen.prompts import diversity
+
+    rep = diversity.report(stream, seed=stream.job.seed)
+    tmp = root / "prompts_report.json.tmp"
+    tmp.write_text(json.dumps(rep, indent=1))
+    tmp.replace(root / diversity.REPORT_FILE)
+    return diversity.lines(rep)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -90,9 +104,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job, output=args.output)
     stream, fingerprint = runner.prepare(job)
     teachers = ", ".join(f"{t.name} ({t.backend}, {t.model}, n={t.sampling.n})" for t in job.teachers)
-    print(f"ok: {args.job}: {len(stream.seeds)} prompts from template {stream.template.spec.id} "
+    for line in stream.plan.report["bad_seed_rows"]:
+        print(f"skipped bad seed row: {line}", file=sys.stderr)
+    print(f"ok: {args.job}: {len(stream.plan.slots)} prompts from template {stream.template.spec.id} "
           f"v{stream.template.spec.version} -> {len(stream)} rows; teachers: {teachers}; "
           f"output {job.output.path}; fingerprint {fingerprint[:12]}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Rendered prompts and the diversity report; no teacher is called, nothing is written."""
+    from datagen import runner
+    from datagen.config import load_job
+    from datagen.prompts import diversity
+
+    job = load_job(args.job)
+    stream, _ = runner.prepare(job)
+    shown = [stream.prompt(k) for k in range(min(args.n, len(stream.plan.slots)))]
+    rep = diversity.report(stream, seed=job.seed) if not args.no_report else None
+    if args.json:
+        print(json.dumps({"prompts": [{"messages": m, "provenance": p} for m, p in shown], "report": rep},
+                         indent=1, ensure_ascii=False))
+        return 0
+    for k, (messages, prov) in enumerate(shown):
+        tags = f"seed {prov['seed_ids'][0]}" + "".join(f" · {a}={v}" for a, v in (prov["axes"] or {}).items())
+        print(f"--- prompt {k + 1} of {len(stream.plan.slots)} ({tags})")
+        for m in messages:
+            print(f"[{m['role']}] {m['content']}")
+    if rep is not None:
+        print("---")
+        for line in diversity.lines(rep):
+            print(line)
     return 0
 
 
@@ -193,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--output", "-o")
     r.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("preview", help="print rendered prompts and the diversity report (calls no teacher)")
+    r.add_argument("job")
+    r.add_argument("-n", type=int, default=5, help="prompts to print (default 5)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--no-report", action="store_true", help="skip the diversity report")
+    r.set_defaults(func=cmd_preview)
 
     r = sub.add_parser("schema", help="print the JSON Schema of job files")
     r.set_defaults(func=cmd_schema)

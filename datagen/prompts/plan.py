@@ -9,13 +9,14 @@ Built once at ``prepare`` (before Ray starts), deterministically from the job se
    the first ``count`` seeds of the original stream). A slot takes the next seed of its
    pool (the seeds matching its ``column`` axes), cycling, and skips a seed already used
    with the same free axis values, so no two slots render alike by construction.
-3. **Cleaning.** Each rendered prompt is checked in order: exact duplicate (prompt id),
-   contamination, near-duplicate of a prompt kept before it. A dropped prompt is
-   replaced by a new slot with the *same* axis values and the pool's next seed, which
-   keeps the quotas exact; a slot whose pool runs dry is a shortfall.
+3. **Cleaning.** Before any slot is filled, seeds that are near-duplicates of an earlier
+   seed, or that share an n-gram with an eval set, leave every pool (``_screen_seeds``).
+   Then each rendered prompt is checked against the prompt ids kept so far: an exact
+   duplicate is replaced by a new slot with the *same* axis values and the pool's next
+   seed, which keeps the quotas exact; a slot whose pool runs dry is a shortfall.
 
 The plan keeps only (seed index, axis values) per prompt; the stream renders again
-lazily. Planning itself holds the MinHash index of the kept prompts' shingle sets.
+lazily. Screening holds the MinHash index of the kept seeds' shingle sets.
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ class _Planner:
         self._check_axes()
         order = list(range(len(seeds.rows)))
         random.Random(job_seed).shuffle(order)  # the original stream's order: ids stay put
+        self.rank = {i: r for r, i in enumerate(order)}
+        allowed = [set(cfg.axes[self.axes[k]].weights()) for k in self.bound]
         self.pools: dict[tuple[str, ...], list[int]] = {}
         for i in order:
-            self.pools.setdefault(self._pool_key_of_seed(i), []).append(i)
+            key = self.key_of_seed(i)
+            if all(v in ok for v, ok in zip(key, allowed)):  # seeds outside every listed value: never drawn
+                self.pools.setdefault(key, []).append(i)
         self.cursor: Counter = Counter()
         self.used: set[tuple[int, tuple[str, ...]]] = set()
 
@@ -95,7 +100,7 @@ class _Planner:
                 raise ConfigError(f"prompts.axes.{name}: the seeds have a column {name!r} too; set "
                                   f"`column: {name}` to draw seeds by it, or rename the axis")
 
-    def _pool_key_of_seed(self, i: int) -> tuple[str, ...]:
+    def key_of_seed(self, i: int) -> tuple[str, ...]:
         row = self.t.seeds.rows[i]
         return tuple(str(row.get(self.cfg.axes[self.axes[k]].column)) for k in self.bound)
 
@@ -114,6 +119,9 @@ class _Planner:
     def values(self, i: int, combo: tuple[str, ...]) -> dict[str, Any]:
         return {**self.t.seeds.rows[i], **dict(zip(self.axes, combo))}
 
+    def what(self, i: int, combo: tuple[str, ...]) -> str:
+        return f"seed {self.t.seeds.ids[i]!r}" + (f" with {dict(zip(self.axes, combo))}" if combo else "")
+
     def deal(self, count: int) -> list[tuple[str, ...]]:
         dealt = []
         for name in self.axes:
@@ -127,80 +135,100 @@ class _Planner:
 def make_plan(template: Template, cfg: Prompts, job_seed: int) -> Plan:
     p = _Planner(template, cfg, job_seed)
     n_seeds = len(template.seeds.rows)
-    count = cfg.count if cfg.count is not None else n_seeds
     if cfg.count is not None and not p.free and cfg.count > n_seeds:
         raise ConfigError(
             f"prompts.count: {cfg.count} is more than the {n_seeds} seeds in {template.spec.seeds.path}; "
             "add seeds, add a diversity axis (prompts.axes), or raise teachers[].sampling.n "
             "for more samples per prompt"
         )
+    screened = _screen_seeds(p, cfg)
+    count = cfg.count if cfg.count is not None else sum(len(pool) for pool in p.pools.values())
     targets = {a: {v: w / sum(ax.weights().values()) for v, w in ax.weights().items()}
                for a, ax in cfg.axes.items()}
     dedupe = cfg.dedupe
-    near = NearDuplicates(dedupe) if dedupe is not None and dedupe.near else None
-    decon = Decontaminator(cfg.decontaminate) if cfg.decontaminate is not None else None
     queue = deque(p.deal(count))
     kept: list[tuple[int, tuple[str, ...]]] = []
     seen: dict[str, int] = {}  # prompt id -> seed index, for the error naming both seeds
-    dropped: Counter = Counter()
-    contaminated: Counter = Counter()
+    exact = 0
     unfilled: Counter = Counter()
     candidates = 0
     ids = template.seeds.ids
     while queue:
-        batch = []
-        while queue and len(batch) < CHUNK:
-            combo = queue.popleft()
-            i = p.next_seed(combo)
-            if i is None:
-                unfilled[combo] += 1
-                continue
-            what = f"seed {ids[i]!r}" + (f" with {dict(zip(p.axes, combo))}" if combo else "")
-            batch.append((i, combo, template.render(p.values(i, combo), what=what)))
-        candidates += len(batch)
-        texts = [m[-1]["content"] for _, _, m in batch]
-        keys = near.keys(texts) if near is not None and batch else None
-        for k, (i, combo, messages) in enumerate(batch):
-            pid = records.prompt_id(messages)
-            reason = None
-            if pid in seen:
-                if dedupe is None or not dedupe.exact:
-                    raise ConfigError(
-                        f"{template.spec.seeds.path}: seeds {ids[seen[pid]]!r} and {ids[i]!r} render the same "
-                        "prompt (they would be one row id); drop one, set prompts.dedupe, or raise sampling.n"
-                    )
-                reason = "exact"
-            elif decon is not None and (hit := decon.hit(texts[k])) is not None:
-                reason = "contaminated"
-                contaminated[hit] += 1
-            elif near is not None and near.check(texts[k], keys[k]):
-                reason = "near"
-            if reason is None:
-                seen[pid] = i
-                kept.append((i, combo))
-            else:
-                dropped[reason] += 1
-                queue.append(combo)  # a replacement with the same axis values keeps the quotas
+        combo = queue.popleft()
+        i = p.next_seed(combo)
+        if i is None:
+            unfilled[combo] += 1
+            continue
+        candidates += 1
+        pid = records.prompt_id(template.render(p.values(i, combo), what=p.what(i, combo)))
+        if pid not in seen:
+            seen[pid] = i
+            kept.append((i, combo))
+            continue
+        if dedupe is None or not dedupe.exact:
+            raise ConfigError(
+                f"{template.spec.seeds.path}: seeds {ids[seen[pid]]!r} and {ids[i]!r} render the same "
+                "prompt (they would be one row id); drop one, set prompts.dedupe, or raise sampling.n"
+            )
+        exact += 1
+        queue.append(combo)  # a replacement with the same axis values keeps the quotas
     plan = Plan(axes=p.axes, slots=kept, targets=targets)
     plan.report = {
         "requested": count, "planned": len(kept), "candidates": candidates,
-        "dropped": {"exact": dropped["exact"], "near": dropped["near"],
-                    "contaminated": dict(sorted(contaminated.items()))},
+        "seeds": n_seeds, **screened, "exact_duplicate_prompts": exact,
         "unfilled": sum(unfilled.values()),
         "bad_seed_rows": list(template.seeds.problems),
-        "decontamination_ngram": cfg.decontaminate.ngram if cfg.decontaminate else None,
-        "evals_digest": decon.digest if decon else None,
     }
     if cfg.count is not None and len(kept) < cfg.count:
         worst = ", ".join(f"{dict(zip(p.axes, c)) or 'no axes'} x{n}" for c, n in unfilled.most_common(3))
         raise ConfigError(
             f"prompts.count: only {len(kept)} of {cfg.count} prompts could be planned: the seeds ran out "
-            f"for {worst} (after dropping {dropped['exact']} exact duplicates, {dropped['near']} "
-            f"near-duplicates, {sum(contaminated.values())} contaminated); add seeds or axis values, "
-            "or lower prompts.count"
+            f"for {worst} (after dropping {screened['near_duplicate_seeds']} near-duplicate and "
+            f"{sum(screened['contaminated_seeds'].values())} contaminated seeds, {exact} exact duplicate "
+            "prompts); add seeds or axis values, or lower prompts.count"
         )
     _check_quotas(plan, cfg.quota_tolerance)
     return plan
+
+
+def _screen_seeds(p: _Planner, cfg: Prompts) -> dict[str, Any]:
+    """Drop near-duplicate and contaminated seeds from every pool, before any slot is filled.
+
+    Both are properties of a seed's content, not of the axis values dealt to it (the same
+    question for two personas is variety, not duplication). Each seed is rendered once
+    with the first value of every free axis, so only seed content differs between the
+    texts compared; in shuffled order, the earlier of two near-duplicates stays."""
+    near = NearDuplicates(cfg.dedupe) if cfg.dedupe is not None and cfg.dedupe.near else None
+    decon = Decontaminator(cfg.decontaminate) if cfg.decontaminate is not None else None
+    out: dict[str, Any] = {"near_duplicate_seeds": 0, "contaminated_seeds": {},
+                           "decontamination_ngram": cfg.decontaminate.ngram if decon else None,
+                           "evals_digest": decon.digest if decon else None}
+    if near is None and decon is None:
+        return out
+    first = {k: next(iter(cfg.axes[p.axes[k]].weights())) for k in p.free}
+    dropped: set[int] = set()
+    contaminated: Counter = Counter()
+    order = [i for pool in p.pools.values() for i in pool]
+    order.sort(key=p.rank.__getitem__)
+    for start in range(0, len(order), CHUNK):
+        batch = order[start:start + CHUNK]
+        texts = []
+        for i in batch:
+            combo = tuple(first[k] if k in first else p.key_of_seed(i)[p.bound.index(k)]
+                          for k in range(len(p.axes)))
+            texts.append(p.t.render(p.values(i, combo), what=p.what(i, combo))[-1]["content"])
+        keys = near.keys(texts) if near is not None else None
+        for k, i in enumerate(batch):
+            if decon is not None and (hit := decon.hit(texts[k])) is not None:
+                contaminated[hit] += 1
+                dropped.add(i)
+            elif near is not None and near.check(texts[k], keys[k]):
+                out["near_duplicate_seeds"] += 1
+                dropped.add(i)
+    for key, pool in p.pools.items():
+        p.pools[key] = [i for i in pool if i not in dropped]
+    out["contaminated_seeds"] = dict(sorted(contaminated.items()))
+    return out
 
 
 def _check_quotas(plan: Plan, tolerance: float) -> None:

@@ -52,29 +52,27 @@ class PromptStream:
     def __len__(self) -> int:
         return len(self.plan.slots) * sum(t.sampling.n for t in self.job.teachers)
 
-    def prompts(self) -> Iterator[tuple[list[dict[str, str]], dict[str, Any]]]:
-        """(messages, provenance without the run fingerprint) of each planned prompt."""
+    def prompt(self, k: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """(messages, provenance without the run fingerprint) of the k-th planned prompt."""
         spec = self.template.spec
-        ids = self.template.seeds.ids
+        i, combo = self.plan.slots[k]
+        row = self.template.seeds.rows[i]
         axes = self.plan.axes
-        for i, combo in self.plan.slots:
-            row = self.template.seeds.rows[i]
-            values = {**row, **dict(zip(axes, combo))} if axes else row
-            messages = self.template.render(values)
-            yield messages, {
-                "job": self.job.name,
-                "template_id": spec.id,
-                "template_version": spec.version,
-                "template_hash": self.template.text_hash,
-                "seed_source": str(spec.seeds.path),
-                "seed_ids": [ids[i]],
-                "axes": dict(zip(axes, combo)) if axes else None,
-                "reference": records.canonical_json({c: row[c] for c in spec.reference})
-                if spec.reference else None,
-            }
+        messages = self.template.render({**row, **dict(zip(axes, combo))} if axes else row)
+        return messages, {
+            "job": self.job.name,
+            "template_id": spec.id,
+            "template_version": spec.version,
+            "template_hash": self.template.text_hash,
+            "seed_source": str(spec.seeds.path),
+            "seed_ids": [self.template.seeds.ids[i]],
+            "axes": dict(zip(axes, combo)) if axes else None,
+            "reference": records.canonical_json({c: row[c] for c in spec.reference}) if spec.reference else None,
+        }
 
     def __iter__(self) -> Iterator[Request]:
-        for messages, provenance in self.prompts():
+        for k in range(len(self.plan.slots)):
+            messages, provenance = self.prompt(k)
             pid = records.prompt_id(messages)
             provenance["run_fingerprint"] = self.run_fingerprint
             for teacher in self.job.teachers:
