@@ -127,7 +127,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
                          indent=1, ensure_ascii=False))
         return 0
     for k, (messages, prov) in enumerate(shown):
-        tags = f"seed {prov['seed_ids'][0]}" + "".join(f" · {a}={v}" for a, v in (prov["axes"] or {}).items())
+        tags = f"seed {prov['seed_ids'][0]}" + "".join(f" · {a['name']}={a['value']}" for a in prov["axes"] or [])
         print(f"--- prompt {k + 1} of {len(stream.plan.slots)} ({tags})")
         for m in messages:
             print(f"[{m['role']}] {m['content']}")

@@ -95,8 +95,9 @@ SCHEMA = pa.schema(
                     ("template_hash", pa.string()),
                     ("seed_source", pa.string()),
                     ("seed_ids", pa.list_(pa.string())),
-                    # The diversity-axis values this prompt was dealt (null: no axes).
-                    ("axes", pa.map_(pa.string(), pa.string())),
+                    # The diversity-axis values this prompt was dealt (null: no axes). A list
+                    # of pairs rather than an Arrow map, which HF `datasets` cannot load.
+                    ("axes", pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))),
                     # Canonical JSON of the seed columns the template names as references
                     # (a math answer, a code task's tests) for filters to check against.
                     ("reference", pa.string()),

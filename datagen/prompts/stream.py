@@ -66,7 +66,7 @@ class PromptStream:
             "template_hash": self.template.text_hash,
             "seed_source": str(spec.seeds.path),
             "seed_ids": [self.template.seeds.ids[i]],
-            "axes": dict(zip(axes, combo)) if axes else None,
+            "axes": [{"name": a, "value": v} for a, v in zip(axes, combo)] if axes else None,
             "reference": records.canonical_json({c: row[c] for c in spec.reference}) if spec.reference else None,
         }
 
