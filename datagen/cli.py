@@ -1,4 +1,4 @@
-"""``datagen`` command line: run, resume, validate, preview, schema, inspect, dedupe, export, verify, licenses.
+"""``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, dedupe, export, verify, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -138,6 +138,27 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_expand(args: argparse.Namespace) -> int:
+    """Evol-Instruct or Self-Instruct with one of the job's teachers -> a new seed file."""
+    from datagen.config import load_job
+    from datagen.prompts import expand
+
+    job = load_job(args.job)
+    out = Path(args.out).resolve()
+    if args.method == "evol":
+        res = expand.evol_instruct(job, out=out, teacher=args.teacher, field=args.field, rounds=args.rounds,
+                                   limit=args.limit)
+    else:
+        if not args.count:
+            raise DatagenError("--count: self-instruct needs the number of new tasks to write")
+        res = expand.self_instruct(job, out=out, count=args.count, teacher=args.teacher, field=args.field,
+                                   examples=args.examples)
+    dropped = ", ".join(f"{k} {v}" for k, v in res.dropped.items()) or "none"
+    print(f"wrote {res.written} new seeds to {res.path} (dropped: {dropped}; failed calls: {res.failed}); "
+          f"provenance in {res.path.name}.meta.json")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from datagen.config import job_schema
 
@@ -242,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--no-report", action="store_true", help="skip the diversity report")
     r.set_defaults(func=cmd_preview)
+
+    r = sub.add_parser("expand", help="grow the job's seeds with a teacher (Evol-Instruct, Self-Instruct)")
+    r.add_argument("job")
+    r.add_argument("--method", choices=["evol", "self-instruct"], required=True)
+    r.add_argument("--out", required=True, help="the new seed file (JSONL; must not exist)")
+    r.add_argument("--teacher", help="which of the job's teachers (default: the first)")
+    r.add_argument("--field", help="the seed column holding the instruction (default: the only text variable)")
+    r.add_argument("--rounds", type=int, default=1, help="evol: rounds of mutation (survivors evolve again)")
+    r.add_argument("--limit", type=int, help="evol: evolve at most this many seeds")
+    r.add_argument("--count", type=int, help="self-instruct: new tasks to write")
+    r.add_argument("--examples", type=int, default=3, help="self-instruct: seed tasks shown per request")
+    r.set_defaults(func=cmd_expand)
 
     r = sub.add_parser("schema", help="print the JSON Schema of job files")
     r.set_defaults(func=cmd_schema)
