@@ -90,7 +90,8 @@ def job_meta(job: Job, fingerprint: str, job_path: Path | None) -> dict[str, Any
 def _stream_hash(stream: PromptStream) -> str:
     t, plan = stream.template, stream.plan
     return records.content_hash({
-        "template": t.spec.model_dump(mode="json", exclude={"seeds"}), "seeds": stream.seeds,
+        "template": t.spec.model_dump(mode="json", exclude={"seeds"}),
+        "seeds": [t.seeds.rows[i] for i in sorted({i for i, _ in plan.slots})],
         "plan": [[t.seeds.ids[i], list(combo)] for i, combo in plan.slots],
         "evals": plan.report.get("evals_digest"),
     })

@@ -147,6 +147,17 @@ def test_same_seed_same_stream_different_seed_different(tmp_path: Path):
     assert len({x for _, x in a} ^ {x for _, x in c}) > 100  # other prompts, not only another order
 
 
+def test_axes_are_dealt_jointly_so_a_plan_can_use_every_combination(tmp_path: Path):
+    # 30 seeds x 3 personas x 4 tones = 360 distinct prompts: all of them can be planned,
+    # because each persona x tone combination gets its share (30), not a random number.
+    axes = {"persona": {"values": ["a", "b", "c"]}, "tone": {"values": ["w", "x", "y", "z"]}}
+    template = TEMPLATE.replace("Topic: {{ topic }}.\n  ", "")
+    stream = prepare(write_job(tmp_path, rows=seed_rows(30), template=template,
+                               prompts={"count": 360, "axes": axes}))
+    combos = Counter(combo for _, combo in stream.plan.slots)
+    assert len(stream.plan.slots) == 360 and set(combos.values()) == {30}
+
+
 def test_quota_that_seeds_cannot_meet_is_refused(tmp_path: Path):
     axes = {"topic": {"column": "topic", "values": {"science": 0.9, "history": 0.1}}}
     template = TEMPLATE.replace("You help {{ persona }}.", "Hi.").replace("Tone: {{ tone }}.\n  ", "")

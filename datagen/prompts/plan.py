@@ -4,7 +4,8 @@ Built once at ``prepare`` (before Ray starts), deterministically from the job se
 
 1. **Axis quotas.** For each axis, ``count`` slots are dealt its values in shares given by
    the weights (largest-remainder rounding, so a value's count is within one of
-   ``count x share``), shuffled by the job seed. Axes are independent.
+   ``count x share``), spread evenly over the combinations of the other axes' values
+   (``deal``), in an order drawn from the job seed.
 2. **Seeds.** Seeds are shuffled by the job seed (with no axes, exactly the order and
    the first ``count`` seeds of the original stream). A slot takes the next seed of its
    pool (the seeds matching its ``column`` axes), cycling, and skips a seed already used
@@ -123,13 +124,36 @@ class _Planner:
         return f"seed {self.t.seeds.ids[i]!r}" + (f" with {dict(zip(self.axes, combo))}" if combo else "")
 
     def deal(self, count: int) -> list[tuple[str, ...]]:
-        dealt = []
+        """Axis values for ``count`` slots: exact shares per axis, and balanced jointly.
+
+        Each axis's values are laid out as an evenly spaced sequence (``_spread``) over the
+        slots sorted by the values they already hold, so every group of slots sharing
+        the earlier axes' values gets its fair share of this axis too (within one). Dealt
+        independently instead, some value combinations would draw far more slots than
+        their share, and more than their pool of seeds holds."""
+        rng = random.Random(f"{self.job_seed}/axes")
+        held: list[tuple[str, ...]] = [()] * count
+        order = list(range(count))
         for name in self.axes:
-            shares = apportion(count, self.cfg.axes[name].weights())
-            column = [v for v, k in shares.items() for _ in range(k)]
-            random.Random(f"{self.job_seed}/axes/{name}").shuffle(column)
-            dealt.append(column)
-        return list(zip(*dealt)) if dealt else [()] * count
+            seq = _spread(apportion(count, self.cfg.axes[name].weights()), rng)
+            rank = {c: rng.random() for c in sorted(set(held))}  # groups in random order
+            rng.shuffle(order)
+            order.sort(key=lambda s: rank[held[s]])  # stable: random order within a group
+            for pos, s in enumerate(order):
+                held[s] = held[s] + (seq[pos],)
+        rng.shuffle(held)
+        return held
+
+
+def _spread(counts: dict[str, int], rng: random.Random) -> list[str]:
+    """Each value's ``n`` copies at evenly spaced positions (random phase), merged: any
+    run of the result holds each value in proportion, within one."""
+    marks = []
+    for v, n in counts.items():
+        phase = rng.random()
+        marks += [((m + phase) / n, v) for m in range(n)]
+    marks.sort()
+    return [v for _, v in marks]
 
 
 def make_plan(template: Template, cfg: Prompts, job_seed: int) -> Plan:

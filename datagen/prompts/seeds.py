@@ -59,8 +59,8 @@ def _text(path: Path) -> Rows:
 
 
 def _csv(path: Path) -> Rows:
-    lines = _lines(path)  # the errors of a missing or undecodable file, as for every format
-    reader = csv.DictReader(lines)
+    text = "\n".join(_lines(path))  # the errors of a missing or undecodable file, as for every format
+    reader = csv.DictReader(text.splitlines(keepends=True))  # ends kept: a quoted field may span lines
     width = len(reader.fieldnames or [])
     try:
         for row in reader:
