@@ -174,6 +174,7 @@ class _Expander:
 
 def evol_instruct(job: Job, *, out: Path, teacher: str | None = None, field: str | None = None,
                   rounds: int = 1, limit: int | None = None) -> ExpandResult:
+    _refuse_existing(out)  # before any teacher token is paid for
     ex = _Expander(job, teacher=teacher, field=field)
     try:
         return _evol(ex, job, out, rounds, limit)
@@ -209,6 +210,7 @@ def _evol(ex: _Expander, job: Job, out: Path, rounds: int, limit: int | None) ->
 
 def self_instruct(job: Job, *, out: Path, count: int, teacher: str | None = None, field: str | None = None,
                   examples: int = 3, max_requests: int | None = None) -> ExpandResult:
+    _refuse_existing(out)
     ex = _Expander(job, teacher=teacher, field=field)
     try:
         return _self_instruct(ex, job, out, count, examples, max_requests or 3 * count)
@@ -239,10 +241,14 @@ def _self_instruct(ex: _Expander, job: Job, out: Path, count: int, examples: int
     return _write(ex, out, written, {"method": "self-instruct", "requests": asked, "requested": count})
 
 
-def _write(ex: _Expander, out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> ExpandResult:
-    """The new seed file and its sidecar, each through a temp file and a rename."""
+def _refuse_existing(out: Path) -> None:
     if out.exists():
         raise ConfigError(f"{out} exists; expand writes a new seed file (remove it or pick another --out)")
+
+
+def _write(ex: _Expander, out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> ExpandResult:
+    """The new seed file and its sidecar, each through a temp file and a rename."""
+    _refuse_existing(out)
     spec = ex.template.spec
     sidecar = {
         **meta, "field": ex.field, "written": len(rows), "dropped": dict(sorted(ex.dropped.items())),
