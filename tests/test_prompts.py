@@ -414,3 +414,6 @@ def test_run_rows_carry_axes_and_reference_and_report(tmp_path: Path, fake_serve
         assert row["license"]["seed"] == "CC0-1.0"
     listing = datagen("inspect", str(tmp_path / "out"), "--json")
     assert json.loads(listing.stdout)["prompts"]["plan"]["planned"] == 24
+    shown = datagen("inspect", str(tmp_path / "out"))
+    assert shown.returncode == 0, shown.stderr
+    assert "prompts: 24 planned of 24 requested" in shown.stdout and "axis persona: " in shown.stdout
