@@ -1,5 +1,5 @@
-"""``datagen`` command line: run, resume, validate, schema, inspect, dedupe, rescore, export, verify,
-submit, jobs, licenses.
+"""``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, dedupe, rescore,
+export, verify, submit, jobs, licenses.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -41,6 +41,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
             )
     else:
         store = ShardStore.create(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
+    prompt_lines = _write_prompts_report(stream, store)
     try:
         with LiveProgress(err, job.name) as progress:
             stats = runner.execute(job, store, stream, on_progress=progress)
@@ -48,6 +49,8 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         store.close()
     if not quiet:
         out.print(summary_table(stats, store))
+        for line in prompt_lines:
+            out.print(line, soft_wrap=True, highlight=False)
         out.print(where_line(store), soft_wrap=True, highlight=False)
     if stats.interrupted:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
@@ -69,6 +72,15 @@ def _output_arg(arg: str, *, command: str | None = None) -> Path | str:
             raise DatagenError(f"`datagen {command}` works on a local output; copy {arg} to disk first")
         return arg
     return Path(arg).resolve()
+
+
+def _write_prompts_report(stream, store) -> list[str]:
+    """The prompt plan's diversity report, a side file of the store (``inspect`` shows it)."""
+    from datagen.prompts import diversity
+
+    rep = diversity.report(stream, seed=stream.job.seed)
+    store.attach(diversity.REPORT_FILE, json.dumps(rep, indent=1))  # local disk or object store
+    return diversity.lines(rep)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -101,9 +113,57 @@ def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job, output=args.output)
     stream, fingerprint = runner.prepare(job)
     teachers = ", ".join(f"{t.name} ({t.backend}, {t.model}, n={t.sampling.n})" for t in job.teachers)
-    print(f"ok: {args.job}: {len(stream.seeds)} prompts from template {stream.template.spec.id} "
+    for line in stream.plan.report["bad_seed_rows"]:
+        print(f"skipped bad seed row: {line}", file=sys.stderr)
+    print(f"ok: {args.job}: {len(stream.plan.slots)} prompts from template {stream.template.spec.id} "
           f"v{stream.template.spec.version} -> {len(stream)} rows; teachers: {teachers}; "
           f"output {job.output.path}; fingerprint {fingerprint[:12]}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Rendered prompts and the diversity report; no teacher is called, nothing is written."""
+    from datagen.config import load_job
+    from datagen.prompts import PromptStream, diversity
+
+    job = load_job(args.job)
+    stream = PromptStream(job, run_fingerprint="")  # no teacher checks: an API key need not be set
+    shown = [stream.prompt(k) for k in range(min(args.n, len(stream.plan.slots)))]
+    rep = diversity.report(stream, seed=job.seed) if not args.no_report else None
+    if args.json:
+        print(json.dumps({"prompts": [{"messages": m, "provenance": p} for m, p in shown], "report": rep},
+                         indent=1, ensure_ascii=False))
+        return 0
+    for k, (messages, prov) in enumerate(shown):
+        tags = f"seed {prov['seed_ids'][0]}" + "".join(f" · {a['name']}={a['value']}" for a in prov["axes"] or [])
+        print(f"--- prompt {k + 1} of {len(stream.plan.slots)} ({tags})")
+        for m in messages:
+            print(f"[{m['role']}] {m['content']}")
+    if rep is not None:
+        print("---")
+        for line in diversity.lines(rep):
+            print(line)
+    return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    """Evol-Instruct or Self-Instruct with one of the job's teachers -> a new seed file."""
+    from datagen.config import load_job
+    from datagen.prompts import expand
+
+    job = load_job(args.job)
+    out = Path(args.out).resolve()
+    if args.method == "evol":
+        res = expand.evol_instruct(job, out=out, teacher=args.teacher, field=args.field, rounds=args.rounds,
+                                   limit=args.limit)
+    else:
+        if not args.count:
+            raise DatagenError("--count: self-instruct needs the number of new tasks to write")
+        res = expand.self_instruct(job, out=out, count=args.count, teacher=args.teacher, field=args.field,
+                                   examples=args.examples)
+    dropped = ", ".join(f"{k} {v}" for k, v in res.dropped.items()) or "none"
+    print(f"wrote {res.written} new seeds to {res.path} (dropped: {dropped}; failed calls: {res.failed}); "
+          f"provenance in {res.path.name}.meta.json")
     return 0
 
 
@@ -256,6 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--output", "-o")
     r.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("preview", help="print rendered prompts and the diversity report (calls no teacher)")
+    r.add_argument("job")
+    r.add_argument("-n", type=int, default=5, help="prompts to print (default 5)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--no-report", action="store_true", help="skip the diversity report")
+    r.set_defaults(func=cmd_preview)
+
+    r = sub.add_parser("expand", help="grow the job's seeds with a teacher (Evol-Instruct, Self-Instruct)")
+    r.add_argument("job")
+    r.add_argument("--method", choices=["evol", "self-instruct"], required=True)
+    r.add_argument("--out", required=True, help="the new seed file (JSONL; must not exist)")
+    r.add_argument("--teacher", help="which of the job's teachers (default: the first)")
+    r.add_argument("--field", help="the seed column holding the instruction (default: the only text variable)")
+    r.add_argument("--rounds", type=int, default=1, help="evol: rounds of mutation (survivors evolve again)")
+    r.add_argument("--limit", type=int, help="evol: evolve at most this many seeds")
+    r.add_argument("--count", type=int, help="self-instruct: new tasks to write")
+    r.add_argument("--examples", type=int, default=3, help="self-instruct: seed tasks shown per request")
+    r.set_defaults(func=cmd_expand)
 
     r = sub.add_parser("schema", help="print the JSON Schema of job files")
     r.set_defaults(func=cmd_schema)

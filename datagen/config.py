@@ -147,9 +147,81 @@ Teacher = Annotated[Union[VLLMTeacher, OpenAITeacher], Field(discriminator="back
 BACKENDS = ("vllm", "openai")
 
 
+SEED_FORMATS = ("auto", "jsonl", "csv", "parquet", "text", "hf")
+
+
+class SeedSource(Strict):
+    """Where a template's variables come from; declared in the template spec, or in the
+    job's ``prompts.seeds`` to fill a library template with your own data."""
+
+    path: Path = Field(description="file, or a `datasets` save_to_disk folder; relative to the file naming it")
+    format: Literal["auto", "jsonl", "csv", "parquet", "text", "hf"] = Field(
+        "auto", description="auto: by suffix (.jsonl .csv .parquet .txt), a folder is `hf`")
+    license: str = Field(min_length=1, description="SPDX id or LicenseRef-… of the seed data")
+    id_field: str | None = Field("id", description="column holding a unique seed id; null: the row number")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="template variable -> source column (text files: column `text`)")
+    max_bad_rows: int = Field(
+        0, ge=0, description="skip up to this many bad rows (each reported by row number); 0 refuses the first")
+
+
+class Axis(Strict):
+    """A diversity axis: a template variable whose values are dealt out in fixed shares.
+
+    ``values`` maps each value to its weight (a list means equal weights). With
+    ``column``, the value is the seed's own column (e.g. a seed's topic) and the shares
+    decide which seeds are drawn; without it, the value is given to the template as the
+    variable named like the axis."""
+
+    values: dict[str, float] | list[str] = Field(min_length=1)
+    column: str | None = Field(None, description="seed column this axis reads, instead of a free variable")
+
+    @field_validator("values")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | list[str]) -> dict[str, float] | list[str]:
+        if isinstance(v, dict) and any(w <= 0 for w in v.values()):
+            raise ValueError("every weight must be > 0")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("values repeat")
+        return v
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.values) if isinstance(self.values, dict) else dict.fromkeys(self.values, 1.0)
+
+
+class PromptDedupe(Strict):
+    """Drop duplicate prompts before any teacher sees them (compares the last user turn)."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard of word n-gram sets")
+    ngram: int = Field(3, ge=1, le=32)
+    num_perm: int = Field(128, ge=16, le=1024)
+
+
+class EvalSet(Strict):
+    name: str = Field(pattern=_NAME)
+    path: Path
+    format: Literal["auto", "jsonl", "csv", "parquet", "text", "hf"] = "auto"
+    field: str = Field("text", description="the column holding the eval text (text files: `text`)")
+
+
+class Decontaminate(Strict):
+    """Drop prompts sharing a word n-gram with an eval set (13-grams, as in GPT-3's study)."""
+
+    evals: list[EvalSet] = Field(min_length=1)
+    ngram: int = Field(13, ge=3, le=64)
+
+
 class Prompts(Strict):
     template: Path = Field(description="template spec (YAML), relative to the job file")
     count: int | None = Field(None, ge=1, description="prompts to use; default all the seeds give")
+    seeds: SeedSource | None = Field(None, description="replaces the template's own seed source")
+    axes: dict[str, Axis] = Field(default_factory=dict, description="diversity axes, by template variable")
+    quota_tolerance: float = Field(
+        0.01, ge=0.0, le=1.0, description="refuse a plan whose share of any axis value is further off")
+    dedupe: PromptDedupe | None = Field(None, description="unset: prompts that render alike are an error")
+    decontaminate: Decontaminate | None = None
 
 
 class StorageOptions(Strict):
@@ -336,9 +408,16 @@ def _resolve_paths(job: Job, base: Path) -> Job:
             return t
         return t.model_copy(update={"engine": t.engine.model_copy(update={"chat_template": str(rel(Path(tpl)))})})
 
+    p = job.prompts
+    update: dict[str, Any] = {"template": rel(p.template)}
+    if p.seeds is not None:
+        update["seeds"] = p.seeds.model_copy(update={"path": rel(p.seeds.path)})
+    if p.decontaminate is not None:
+        evals = [e.model_copy(update={"path": rel(e.path)}) for e in p.decontaminate.evals]
+        update["decontaminate"] = p.decontaminate.model_copy(update={"evals": evals})
     return job.model_copy(
         update={
-            "prompts": job.prompts.model_copy(update={"template": rel(job.prompts.template)}),
+            "prompts": p.model_copy(update=update),
             "output": job.output.model_copy(update={"path": out_path(job.output.path, base)}),
             "teachers": [teacher(t) for t in job.teachers],
         }

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.0"  # 2.0: quantised logprob columns; provenance.axes/reference/logprobs_by; license.logprobs
 
 # Streams a run writes. ``accepted`` rows passed every filter; ``rejected`` rows were
 # dropped by a filter verdict (a real check on the data); ``failed`` rows never got a
@@ -96,6 +96,12 @@ SCHEMA = pa.schema(
                     ("template_hash", pa.string()),
                     ("seed_source", pa.string()),
                     ("seed_ids", pa.list_(pa.string())),
+                    # The diversity-axis values this prompt was dealt (null: no axes). A list
+                    # of pairs rather than an Arrow map, which HF `datasets` cannot load.
+                    ("axes", pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))),
+                    # Canonical JSON of the seed columns the template names as references
+                    # (a math answer, a code task's tests) for filters to check against.
+                    ("reference", pa.string()),
                     # set by ``datagen rescore``: name/backend/model@revision of the log-prob teacher
                     ("logprobs_by", pa.string()),
                 ]

@@ -93,8 +93,10 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
         if i >= rows:
             break
         sample.append(row)
+    prompts = _prompts_report(store)
     if as_json:
         console.print_json(json.dumps({
+            "prompts": prompts,
             "job": m.data["job"], "run_fingerprint": m.data["run_fingerprint"],
             "schema_version": m.data["schema_version"], "counts": counts,
             "failed_unresolved": unresolved, "reasons": reasons,
@@ -116,6 +118,11 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
     console.print(t)
     for key, c in licenses.items():
         console.print(f"license {key}: " + ", ".join(f"{k} ({v})" for k, v in c.items()))
+    if prompts is not None:
+        from datagen.prompts.diversity import lines
+
+        for line in lines(prompts):
+            console.print(line, highlight=False)
     console.print(f"columns (schema {records.SCHEMA_VERSION}): " + ", ".join(records.FIELDS))
     for row in sample:
         user = row["messages"][-1]["content"]
@@ -128,3 +135,17 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
         if row["error"]:
             extra += f" · error {row['error']}"
         console.print(extra, style="dim")
+
+
+def _prompts_report(store: ShardStore) -> dict[str, Any] | None:
+    """The prompt plan's diversity report that ``datagen run`` wrote, if any (older runs have none)."""
+    from datagen.prompts.diversity import REPORT_FILE
+
+    try:
+        if hasattr(store, "read_text"):  # an object store: None when absent
+            text = store.read_text(REPORT_FILE)
+        else:
+            text = (store.root / REPORT_FILE).read_text()
+        return json.loads(text) if text else None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -68,7 +68,12 @@ class RunStats:
 def run_fingerprint(job: Job, stream_hash: str) -> str:
     """Same job content + same prompts -> same fingerprint (output path and runtime excluded)."""
     body = job.model_dump(mode="json", exclude={"output": {"path"}, "runtime": True})
+    # Paths out: the files' contents are in the stream hash, so a moved job still resumes.
     body["prompts"].pop("template")
+    if body["prompts"].get("seeds"):
+        body["prompts"]["seeds"].pop("path")
+    for ev in (body["prompts"].get("decontaminate") or {}).get("evals", []):
+        ev.pop("path")
     return records.content_hash({"job": body, "prompts": stream_hash})
 
 
@@ -83,10 +88,13 @@ def job_meta(job: Job, fingerprint: str, job_path: Path | None) -> dict[str, Any
 
 
 def _stream_hash(stream: PromptStream) -> str:
-    t = stream.template
-    return records.content_hash(
-        {"template": t.spec.model_dump(mode="json", exclude={"seeds"}), "seeds": stream.seeds}
-    )
+    t, plan = stream.template, stream.plan
+    return records.content_hash({
+        "template": t.spec.model_dump(mode="json", exclude={"seeds"}),
+        "seeds": [t.seeds.rows[i] for i in sorted({i for i, _ in plan.slots})],
+        "plan": [[t.seeds.ids[i], list(combo)] for i, combo in plan.slots],
+        "evals": plan.report.get("evals_digest"),
+    })
 
 
 def prepare(job: Job) -> tuple[PromptStream, str]:
