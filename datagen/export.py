@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from datagen.errors import OutputError
-from datagen.licenses import CLASSES, Registry
+from datagen.licenses import CLASSES, Registry, binding
 from datagen.shards import ShardStore, build_store
 
 
@@ -64,7 +64,7 @@ def export(src: Path, dest: Path, *, license_class: str | None = None, allow: li
 
     def allowed(lic: dict[str, str]) -> tuple[bool, str]:
         if allow:
-            bad = sorted({v for v in lic.values() if v not in allow})
+            bad = sorted({str(v) for v in binding(lic).values() if v not in allow})
             return (not bad, "not allowed: " + ",".join(bad))
         cls = registry.row_class(lic)
         return (CLASSES.index(cls) <= CLASSES.index(license_class), cls)

@@ -74,6 +74,13 @@ def _builtin() -> tuple[dict[str, Terms], tuple[_Family, ...]]:
     return terms, families
 
 
+def binding(license: dict[str, str | None] | None) -> dict[str, str | None]:
+    """The terms that bind a row: its ``license`` struct without the optional
+    ``logprobs`` entry when that is unset (only re-scored rows have one). A ``None``
+    elsewhere means unknown terms, and stays, so callers treat it as such."""
+    return {k: v for k, v in (license or {}).items() if not (k == "logprobs" and v is None)}
+
+
 class Registry:
     def __init__(self, extra: list[Terms] | tuple[Terms, ...] = ()):
         builtin, self.families = _builtin()
@@ -103,9 +110,7 @@ class Registry:
     def row_class(self, license: dict[str, str | None]) -> str:
         """The strictest class among a row's licenses; an unknown id counts as restricted."""
         worst = 0
-        for key, lid in license.items():
-            if key == "logprobs" and lid is None:  # optional: only re-scored rows have one
-                continue
+        for lid in binding(license).values():
             t = self.get(lid)
             worst = max(worst, t.rank if t else len(CLASSES) - 1)
         return CLASSES[worst]

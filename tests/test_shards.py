@@ -215,7 +215,7 @@ def test_damaged_outputs_get_one_line_errors(tmp_path):
     (root / "datagen-job.json").unlink()
     res = datagen("resume", str(root))
     assert res.returncode == 1 and "datagen-job.json is missing or corrupt" in res.stderr
-    (root / MANIFEST).write_text('{"format": "datagen-shards", "schema_version": "2.0", "shards": []}')
+    (root / MANIFEST).write_text('{"format": "datagen-shards", "schema_version": "9.0", "shards": []}')
     res = datagen("inspect", str(root))
-    assert res.returncode == 1 and "schema version 2.0 is not readable" in res.stderr
+    assert res.returncode == 1 and "schema version 9.0 is not readable" in res.stderr
     assert "Traceback" not in res.stderr
