@@ -187,3 +187,23 @@ def test_token_bucket_never_overfills():
     assert b.delay(1, now=0.0) == 0.0
     b.take(1)
     assert b.delay(1, now=0.5) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("min_concurrency", 9, "teachers[0].min_concurrency: must not be above max_concurrency (8) (got 9)"),
+    ("requests_per_minute", 0, "teachers[0].requests_per_minute: Input should be greater than 0"),
+    ("tokens_per_minute", -5, "teachers[0].tokens_per_minute: Input should be greater than or equal to 1"),
+    ("latency_backoff", 1.0, "teachers[0].latency_backoff: Input should be greater than 1"),
+    ("price", {"input_per_mtok": 1.0}, "teachers[0].price.output_per_mtok: required field is missing"),
+    ("price", {"input_per_mtok": -1, "output_per_mtok": 1}, "teachers[0].price.input_per_mtok: Input should be"),
+])
+def test_flow_control_and_price_fields_are_validated(tmp_path, field, value, needle):
+    from datagen.config import parse_job
+    from datagen.errors import ConfigError
+
+    teacher = {"name": "api", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+               "max_concurrency": 8, field: value}
+    job = {"name": "t", "prompts": {"template": "t.yaml"}, "teachers": [teacher], "output": {"path": "out"}}
+    with pytest.raises(ConfigError) as err:
+        parse_job(job, where="job.yaml", base_dir=tmp_path)
+    assert f"job.yaml: {needle}" in str(err.value)
