@@ -11,6 +11,12 @@ alphabet, so bytes -> id is an exact dictionary look-up. Anything else (Sentence
 guessed. A token whose bytes are not exactly one vocabulary entry (two entries with
 the same bytes, a partial character the server rendered as U+FFFD) maps to ``None``;
 the caller then stores no ids for that row at all: ids are never invented.
+
+Measured against vLLM's own server (tests/test_openai_vllm_server.py): it names a
+token that is only part of a character (a byte piece of an emoji or an accent, common
+among top-20 alternatives) as ``""`` with no bytes, so such rows stay null. Against a
+vLLM server, ask for ids directly (``request_token_ids``); this map is for providers
+that send the bytes (OpenAI's API does).
 """
 
 from __future__ import annotations
