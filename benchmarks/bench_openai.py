@@ -15,6 +15,12 @@ A warm-up of ``2 x --inflight`` requests runs first (untimed): it opens the conn
 and, with adaptive concurrency on (the default), lets the limiter ramp from its slow
 start to the ceiling. ``--fixed`` turns adaptive concurrency off instead. Figures only,
 no assertions.
+
+Then (``--layers``) the client's CPU per request, layer by layer, against an instant
+server: aiohttp alone, the openai client's generic ``post``, its typed
+``chat.completions.create``, and datagen's whole teacher. On 2 cores the ideal needs
+the client to spend under ~0.4 ms of CPU per request (the server needs some too);
+these lines show which layer decides whether that is possible.
 """
 
 from __future__ import annotations
@@ -73,7 +79,14 @@ async def drive(teacher: OpenAICompatibleTeacher, n: int, batch_size: int, batch
     return errors
 
 
-async def bench(args: argparse.Namespace, url: str) -> None:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of another process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench(args: argparse.Namespace, url: str, server_pid: int) -> None:
     cfg = OpenAITeacher.model_validate({
         "name": "bench", "backend": "openai", "model": "fake", "base_url": url,
         "max_concurrency": args.inflight, "adaptive_concurrency": not args.fixed, "timeout_s": 30,
@@ -82,9 +95,10 @@ async def bench(args: argparse.Namespace, url: str) -> None:
     teacher = OpenAICompatibleTeacher(cfg)
     try:
         await drive(teacher, 2 * args.inflight, args.batch_size, args.batches, offset=10**9)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
         errors = await drive(teacher, args.requests, args.batch_size, args.batches, offset=0)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        server_cpu = cpu_seconds(server_pid) - s0
     finally:
         await teacher.aclose()
     ideal = args.inflight / args.latency
@@ -95,7 +109,9 @@ async def bench(args: argparse.Namespace, url: str) -> None:
           f"final limit {lim.limit:.0f}, cuts {dict(lim.cuts) or 'none'}")
     print(f"server latency      {args.latency * 1000:.0f} ms")
     print(f"wall                {wall:.2f} s")
-    print(f"client CPU          {cpu / args.requests * 1e3:.3f} ms/request")
+    print(f"client CPU          {cpu / args.requests * 1e3:.3f} ms/request ({cpu / wall:.0%} of a core)")
+    print(f"fake server CPU     {server_cpu / args.requests * 1e3:.3f} ms/request ({server_cpu / wall:.0%} of a core)")
+    print(f"machine load (1 min) {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"requests/s          {rate:.0f}")
     print(f"ideal requests/s    {ideal:.0f}")
     print(f"ratio               {rate / ideal:.3f}")
@@ -111,6 +127,61 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+async def layers(url: str, n: int) -> None:
+    """Client CPU per request, layer by layer, against an instant server: what one core
+    can drive at most, and how much of it is datagen's own (limiter, retries, parsing)."""
+    import aiohttp
+    import openai
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    body = {"model": "fake", "messages": [{"role": "user", "content": "order 1 for a lamp"}],
+            "max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 1}
+
+    async def cpu_per_request(one) -> float:
+        sem = asyncio.Semaphore(64)
+
+        async def bounded():
+            async with sem:
+                await one()
+
+        await asyncio.gather(*(bounded() for _ in range(256)))  # connections up
+        c = time.process_time()
+        await asyncio.gather(*(bounded() for _ in range(n)))
+        return (time.process_time() - c) / n * 1e3
+
+    async with aiohttp.ClientSession() as session:
+        async def raw():
+            async with session.post(url + "/chat/completions", json=body) as r:
+                await r.json()
+        figures = [("aiohttp alone", await cpu_per_request(raw))]
+    limits = type(DEFAULT_CONNECTION_LIMITS)(max_connections=256, max_keepalive_connections=256)
+    client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
+                                http_client=openai.DefaultAioHttpClient(limits=limits))
+
+    async def post():
+        await client.post("/chat/completions", body=body, cast_to=object)
+
+    async def create():
+        await client.chat.completions.create(**body)
+
+    figures.append(("openai client.post (aiohttp)", await cpu_per_request(post)))
+    figures.append(("openai chat.completions.create", await cpu_per_request(create)))
+    await client.close()
+    teacher = OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+        "name": "bench", "backend": "openai", "model": "fake", "base_url": url, "max_concurrency": 64,
+        "adaptive_concurrency": False, "sampling": {"temperature": 0.0, "max_tokens": 32}}))
+    req = [{"row_id": "r", "messages": body["messages"], "seed": 1}]
+
+    async def datagen():
+        await teacher.generate(req)
+
+    figures.append(("datagen teacher (all of it)", await cpu_per_request(datagen)))
+    await teacher.aclose()
+    print("client CPU per request against an instant server (one process, one core at most):")
+    for name, ms in figures:
+        print(f"  {name:32s} {ms:.3f} ms  -> at most {1000 / ms:.0f} requests/s per core")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20000)
@@ -119,18 +190,31 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--fixed", action="store_true", help="adaptive concurrency off")
+    p.add_argument("--layers", type=int, default=3000, metavar="N",
+                   help="then time N requests per client layer against an instant server (0: skip)")
     args = p.parse_args()
     proc, url = start_server(args.latency)
     try:
         loop = new_loop()
         print(f"event loop          {type(loop).__module__}.{type(loop).__name__}")
         try:
-            loop.run_until_complete(bench(args, url))
+            loop.run_until_complete(bench(args, url, proc.pid))
         finally:
             loop.close()
     finally:
         proc.terminate()
         proc.wait(10)
+    if args.layers:
+        proc, url = start_server(0.0)
+        try:
+            loop = new_loop()
+            try:
+                loop.run_until_complete(layers(url, args.layers))
+            finally:
+                loop.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Slow: one server for the module; it starts in ~1-2 min on 2 cores.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ import pytest
 
 from datagen.config import OpenAITeacher
 from datagen.teachers.openai_api import OpenAICompatibleTeacher
+
+from .test_openai_teacher import ask
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +81,7 @@ def generate(url: str, **kw):
            "max_concurrency": 4, "sampling": {"temperature": 0.0, "max_tokens": 24, "logprobs": K}}
     cfg.update(kw)
     t = OpenAICompatibleTeacher(OpenAITeacher.model_validate(cfg))
-    reqs = [{"row_id": f"r{i}", "messages": [{"role": "user", "content": p}], "seed": i}
-            for i, p in enumerate(PROMPTS)]
-
-    async def go():
-        try:
-            return await t.generate(reqs)
-        finally:
-            await t.aclose()
-
-    return t, asyncio.run(go())
+    return t, ask(t, *PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,15 @@ sent and hands it back with what happened. Three things can hold an attempt back
   / 4 + ``max_tokens``) and corrected with the usage the server reports. A request
   bigger than the bucket still passes once the bucket is full, and leaves it in debt.
 
-Not covered: budgets are per replica (``N`` replicas may spend ``N`` times the budget;
-divide it in the job file), and the latency baseline is the lowest smoothed latency
-seen, creeping up by 0.1% a request so that a server that is simply slower now
-(longer prompts or answers) becomes the new normal instead of pinning the limit low.
+Not covered:
+- budgets are per replica (``N`` replicas may spend ``N`` times the budget; divide it
+  in the job file);
+- the latency baseline is the lowest smoothed latency seen, creeping up by 0.1% a
+  request so that a server that is simply slower now (longer prompts or answers)
+  becomes the new normal instead of pinning the limit low; until it has crept up,
+  such a change reads as congestion;
+- latency is measured by the client, so a client starved of CPU looks like a slow
+  server and backs off too (``latency_backoff: null`` turns the signal off).
 """
 
 from __future__ import annotations
