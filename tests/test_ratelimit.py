@@ -112,6 +112,22 @@ def test_rising_latency_cuts_without_any_429():
     run(go())
 
 
+def test_long_answers_are_not_congestion():
+    # Same time per token, answers from 2 to 400 tokens: no cut. Per-request latency
+    # would have read every long answer as a 200x slowdown.
+    async def go():
+        c = Clock()
+        lim = limiter(c, latency_ratio=2.0)
+        for i in range(200):
+            n = 2 if i < 20 else 2 + (i * 37) % 400
+            t = await lim.acquire()
+            c.t += 0.01 * n + 0.001
+            lim.release(t, ok=True, generated=n)
+        assert not lim.cuts and lim.limit == 32
+
+    run(go())
+
+
 def test_concurrency_is_a_hard_bound_and_a_cancelled_waiter_frees_nothing():
     async def go():
         lim = limiter(Clock(), adaptive=False, max_concurrency=2)

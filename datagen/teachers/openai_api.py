@@ -243,7 +243,7 @@ class OpenAICompatibleTeacher:
             raise
         used = (gen.prompt_tokens + gen.completion_tokens
                 if gen.prompt_tokens is not None and gen.completion_tokens is not None else None)
-        self.limiter.release(ticket, ok=True, used_tokens=used)
+        self.limiter.release(ticket, ok=True, used_tokens=used, generated=gen.completion_tokens)
         return gen
 
     async def _call(self, request: dict[str, Any]) -> Generation:

@@ -12,6 +12,9 @@ sent and hands it back with what happened. Three things can hold an attempt back
   - it is cut multiplicatively on congestion: a 429, a 503 or a time-out (halved), or
     smoothed latency above ``latency_ratio`` x its baseline (cut by a quarter).
     Self-hosted servers never send 429s; queueing shows up as latency first.
+    Latency is taken per generated token (seconds / completion tokens, when the server
+    reports them): queueing and over-full batches stretch that, while a long answer
+    alone does not, so mixed answer lengths are not read as congestion.
   One congestion episode cuts once: only an attempt that started after the last cut
   may cut again (the replies of attempts already on the wire describe the old limit).
 - **Pauses.** A ``Retry-After`` pauses the whole replica, not just the request that
@@ -170,11 +173,12 @@ class Limiter:
 
     # -- what happened -----------------------------------------------------------------------
     def release(self, ticket: Ticket, *, ok: bool, used_tokens: int | None = None,
-                congestion: str | None = None, retry_after: float | None = None) -> None:
-        """Return a slot. ``ok``: the attempt got a usable answer (its latency feeds the
-        latency signal); ``congestion`` names the server's push-back ("429", "503",
-        "timeout"); ``retry_after`` pauses the replica; ``used_tokens`` (the usage the
-        server reported) corrects the token estimate."""
+                generated: int | None = None, congestion: str | None = None,
+                retry_after: float | None = None) -> None:
+        """Return a slot. ``ok``: the attempt got a usable answer (its latency per
+        ``generated`` token feeds the latency signal); ``congestion`` names the server's
+        push-back ("429", "503", "timeout"); ``retry_after`` pauses the replica;
+        ``used_tokens`` (the usage the server reported) corrects the token estimate."""
         if self.tpm is not None and used_tokens is not None:
             self.tpm.give(ticket.tokens - used_tokens)
         if retry_after:
@@ -183,7 +187,7 @@ class Limiter:
             if congestion is not None:
                 self._cut(ticket, congestion, CONGESTION_CUT)
             elif ok:
-                self._observe(ticket, self.clock() - ticket.started)
+                self._observe(ticket, (self.clock() - ticket.started) / max(1, generated or 1))
         self._free()
 
     def _observe(self, ticket: Ticket, latency: float) -> None:
