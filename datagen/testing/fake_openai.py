@@ -149,9 +149,7 @@ class FakeOpenAIServer:
         ready = threading.Event()
 
         def run() -> None:
-            self._loop = _new_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._connection, sock=self._sock, backlog=2048))
+            self._open()
             ready.set()
             self._loop.run_forever()
 
@@ -179,10 +177,13 @@ class FakeOpenAIServer:
 
     def serve_forever(self) -> None:
         """Standalone: serve in this thread until interrupted."""
+        self._open()
+        self._loop.run_forever()
+
+    def _open(self) -> None:
         self._loop = _new_loop()
         self._server = self._loop.run_until_complete(
             asyncio.start_server(self._connection, sock=self._sock, backlog=2048))
-        self._loop.run_forever()
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
