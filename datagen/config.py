@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from datagen.errors import ConfigError
 from datagen.licenses import Terms
@@ -77,6 +78,19 @@ class VLLMEngine(Strict):
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+class Price(Strict):
+    """What a teacher's tokens cost, in USD per million, as providers list them."""
+
+    input_per_mtok: float = Field(ge=0.0, le=1e6)
+    output_per_mtok: float = Field(ge=0.0, le=1e6)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        """None when the server reported no usage: an unknown cost is not a zero cost."""
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
 class _TeacherBase(Strict):
     name: str = Field(pattern=_NAME)
     model: str = Field(min_length=1)
@@ -87,6 +101,9 @@ class _TeacherBase(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     replicas: int = Field(1, ge=1, le=1024)
     batch_size: int = Field(16, ge=1, le=4096, description="rows per task sent to one actor")
+    price: Price | None = Field(
+        None, description="USD per 1M input/output tokens: fills each row's usage.cost_usd and the run's cost"
+    )
 
 
 class VLLMTeacher(_TeacherBase):
@@ -114,13 +131,43 @@ class OpenAITeacher(_TeacherBase):
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the key (never the key)"
     )
-    max_concurrency: int = Field(8, ge=1, le=4096, description="requests in flight per replica")
+    max_concurrency: int = Field(
+        8, ge=1, le=4096, description="most requests in flight per replica (the adaptive limit's ceiling)"
+    )
+    min_concurrency: int = Field(1, ge=1, le=4096, description="the adaptive limit's floor")
+    adaptive_concurrency: bool = Field(
+        True, description="start low and ramp up; back off on 429/503/time-outs and on rising latency "
+        "(see datagen/teachers/ratelimit.py); false keeps max_concurrency in flight"
+    )
+    latency_backoff: float | None = Field(
+        2.5, gt=1.0, le=100.0, description="back off when smoothed latency exceeds this multiple of its "
+        "baseline; null: back off on 429/503/time-outs only"
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0.0, le=1e7, description="request budget per replica (paced, not bursted); null: none"
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=10**10, description="token budget per replica; a request counts prompt chars/4 + "
+        "max_tokens until the server reports its usage; null: none"
+    )
     timeout_s: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(4, ge=1, le=20, description="tries per request, first one included")
     request_token_ids: bool = Field(
         False, description="with logprobs, ask a vLLM server for token ids (return_tokens_as_token_ids); "
         "other servers may reject the field"
     )
+    tokenizer: str | None = Field(
+        None, min_length=1, description="the model's tokenizer (HF folder, hub id or embedded:NAME): maps the "
+        "token strings of servers that give no ids to ids (byte-level BPE tokenizers only)"
+    )
+
+    @field_validator("min_concurrency")
+    @classmethod
+    def _floor_below_ceiling(cls, v: int, info: ValidationInfo) -> int:
+        ceiling = info.data.get("max_concurrency")
+        if ceiling is not None and v > ceiling:
+            raise ValueError(f"must not be above max_concurrency ({ceiling})")
+        return v
 
     @field_validator("base_url")
     @classmethod

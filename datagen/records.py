@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2.0"  # 2.0: quantised logprob columns; provenance.axes/reference/logprobs_by; license.logprobs
+SCHEMA_VERSION = "2.0"  # 2.0: quantised logprob columns; provenance.axes/reference/logprobs_by; license.logprobs; usage.cost_usd
 
 # Streams a run writes. ``accepted`` rows passed every filter; ``rejected`` rows were
 # dropped by a filter verdict (a real check on the data); ``failed`` rows never got a
@@ -74,7 +74,9 @@ SCHEMA = pa.schema(
         ),
         pa.field(
             "usage",
-            pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]),
+            # cost_usd: from the teacher's price table in the job file; null when unpriced
+            pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                       ("cost_usd", pa.float64())]),
         ),
         # Teacher signal for KD. One entry per generated token; null when the backend
         # gives no logprobs. top_ids[i] / top_logprobs_q[i] are the teacher's top-k at

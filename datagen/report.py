@@ -67,6 +67,10 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
     secs = max(stats.generating_s, 1e-9)
     t.add_row("prompt tokens", str(stats.prompt_tokens), "")
     t.add_row("completion tokens", str(stats.completion_tokens), "")
+    if stats.cost_usd is not None:  # some teacher has a price in the job file
+        t.add_row("cost (USD)", f"{stats.cost_usd:.4f}", "")
+        accepted = stats.counts["accepted"]
+        t.add_row("  per accepted row", f"{stats.cost_usd / accepted:.6f}" if accepted else "-", "")
     t.add_row("wall time", f"{stats.elapsed:.1f} s", "")
     t.add_row("  teacher start-up", f"{stats.startup_s:.1f} s", "")
     t.add_row("  generating", f"{stats.generating_s:.1f} s", "")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen import licenses, records
-from datagen.config import Job
+from datagen.config import Job, Price
 from datagen.errors import DatagenError, MissingExtra, OutputError
 from datagen.filters import FilterChain
 from datagen.prompts import PromptStream, Request
@@ -44,6 +44,7 @@ class RunStats:
     reasons: Counter = field(default_factory=Counter)  # (stream, reason) -> rows this run
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float | None = None  # None: no priced teacher answered
     interrupted: bool = False
     unique: int | None = None  # accepted rows left after streaming dedupe, when it ran
 
@@ -258,14 +259,15 @@ def _cause(exc: BaseException) -> str:
 
 
 def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: dict[str, Any],
-             license: dict[str, str]) -> dict[str, Any]:
+             license: dict[str, str], *, price: Price | None = None) -> dict[str, Any]:
     row = records.empty_row()
     row.update(
         row_id=req.row_id, prompt_id=req.prompt_id, sample_index=req.sample_index,
         messages=req.messages, response=gen["text"], finish_reason=gen["finish_reason"],
         teacher={k: info.get(k) for k in ("name", "backend", "model", "revision")},
         sampling={**sampling, "seed": req.seed},
-        usage={"prompt_tokens": gen["prompt_tokens"], "completion_tokens": gen["completion_tokens"]},
+        usage={"prompt_tokens": gen["prompt_tokens"], "completion_tokens": gen["completion_tokens"],
+               "cost_usd": price.cost(gen["prompt_tokens"], gen["completion_tokens"]) if price else None},
         token_ids=gen["token_ids"], token_logprobs_q=records.quantize_logprobs(gen["token_logprobs"]),
         top_ids=gen["top_ids"], top_logprobs_q=records.quantize_logprobs(gen["top_logprobs"]),
         tokenizer_fingerprint=info.get("tokenizer_fingerprint"),
@@ -460,7 +462,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
                     f"`datagen resume {store.root}` continues"
                 ) from None
             for req, gen in zip(batch, gens):
-                row = make_row(req, gen, actors.info[name], sampling[name], row_licenses[name])
+                row = make_row(req, gen, actors.info[name], sampling[name], row_licenses[name],
+                               price=teachers[name].price)
                 if gen["error"]:
                     stream_name, reason = "failed", gen["error"].split(":", 1)[0]
                     consecutive_failures += 1
@@ -473,6 +476,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
                     reason = None if keep else verdicts[-1].reason
                     stats.prompt_tokens += gen["prompt_tokens"] or 0
                     stats.completion_tokens += gen["completion_tokens"] or 0
+                    if row["usage"]["cost_usd"] is not None:
+                        stats.cost_usd = (stats.cost_usd or 0.0) + row["usage"]["cost_usd"]
                 store.add(stream_name, row)
                 if dedup is not None and stream_name == "accepted":
                     dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))

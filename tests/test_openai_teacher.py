@@ -25,7 +25,14 @@ def teacher(server: FakeOpenAIServer, **kw) -> OpenAICompatibleTeacher:
 def ask(t: OpenAICompatibleTeacher, *texts: str):
     reqs = [{"row_id": f"r{i}", "messages": [{"role": "user", "content": x}], "seed": i}
             for i, x in enumerate(texts)]
-    return asyncio.run(t.generate(reqs))
+
+    async def go():
+        try:
+            return await t.generate(reqs)
+        finally:
+            await t.aclose()
+
+    return asyncio.run(go())
 
 
 @pytest.fixture
@@ -43,7 +50,7 @@ def test_plain_answer_with_usage(server):
     assert g.token_ids is None  # logprobs not asked for
 
 
-@pytest.mark.parametrize("kind", ["429", "500", "503", "malformed", "truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["429", "408", "500", "503", "malformed", "truncated", "garbage"])
 def test_transient_faults_are_retried(server, kind):
     server.inject(kind, times=2, retry_after=0.05)
     [g] = ask(teacher(server), "hi")
@@ -55,9 +62,12 @@ def test_transient_faults_are_retried(server, kind):
 
 def test_hang_is_cut_by_timeout_then_retried(server):
     server.inject("hang", times=1, seconds=3)
-    [g] = ask(teacher(server, timeout_s=0.5), "hi")
+    t = teacher(server, timeout_s=0.5)
+    [g] = ask(t, "hi")
     assert g.error is None
-    assert g.attempts == 2
+    assert g.attempts == 2 and server.requests == 2
+    assert server.served["hang"] == 1 and server.served["ok"] == 1
+    assert t.limiter.cuts == {"timeout": 1}  # a time-out is a congestion signal
 
 
 def test_retry_after_is_honoured(server):
@@ -65,6 +75,57 @@ def test_retry_after_is_honoured(server):
     [g] = ask(teacher(server), "hi")
     assert g.error is None
     assert g.latency_s >= 0.6
+    assert g.attempts == 2 and server.requests == 2
+
+
+def test_retry_after_pauses_the_whole_replica(server):
+    # One request is told to wait 0.5 s; the others, queued behind a limit of 2, must
+    # not be sent in the meantime either (they would hit the same wall).
+    server.inject("429", times=1, match="first", retry_after=0.5)
+    server.inject("latency", times=None, seconds=0.05)
+    t = teacher(server, max_concurrency=2, adaptive_concurrency=False)
+    gens = ask(t, "first", *[f"next {i}" for i in range(5)])
+    assert all(g.error is None for g in gens)
+    assert server.requests == 7 and server.served["429"] == 1
+    hit = next(at for at, kind in server.arrivals if kind == "429")
+    after = sorted(at for at, _ in server.arrivals if at > hit)
+    # The first pair went out together, so its other half may land just after the 429;
+    # everything sent later waited out the pause.
+    assert len(after) == 6 and after[1] - hit >= 0.5
+
+
+def test_a_burst_of_429s_cuts_concurrency_once(server):
+    server.inject("429", times=3, retry_after=0.05)
+    t = teacher(server, max_concurrency=16)
+    gens = ask(t, *[f"m{i}" for i in range(12)])
+    assert all(g.error is None for g in gens)
+    assert server.served["429"] == 3 and server.requests == 15
+    # The three 429s answered requests sent together (slow start: 4 at once): one cut.
+    assert t.limiter.cuts == {"429": 1}
+
+
+def test_rising_latency_backs_off_without_any_429(server):
+    # A self-hosted server never says 429: it gets slower as its queue grows.
+    server.inject("latency", times=30, seconds=0.01)
+    server.inject("latency", times=None, seconds=0.25)
+    t = teacher(server, max_concurrency=8, latency_backoff=2.0)
+    gens = ask(t, *[f"m{i}" for i in range(60)])
+    assert all(g.error is None for g in gens)
+    assert t.limiter.cuts["latency"] >= 1 and "429" not in t.limiter.cuts
+    assert t.limiter.limit < 8
+
+
+def test_request_budget_paces_requests(server):
+    import time
+
+    t = teacher(server, max_concurrency=32, adaptive_concurrency=False, requests_per_minute=600)  # 10/s
+    start = time.monotonic()
+    gens = ask(t, *[f"m{i}" for i in range(25)])
+    took = time.monotonic() - start
+    assert all(g.error is None for g in gens) and server.requests == 25
+    # A bucket of one second's worth (10) may go at once; the other 15 wait for 10/s.
+    # (A lower bound: a loaded machine can only make it slower.)
+    assert took >= 1.5
 
 
 @pytest.mark.parametrize("kind,code", [("500", "teacher.http_500"), ("malformed", "teacher.malformed_response"),
@@ -79,12 +140,15 @@ def test_persistent_fault_becomes_failed_row_with_reason(server, kind, code):
     assert server.requests == 3
 
 
-def test_client_error_is_not_retried(server):
-    # A 4xx that is not 408/409/429 will not get better by asking again.
-    server.inject("400", times=None)
-    [g] = ask(teacher(server), "hi")
-    assert g.error.startswith("teacher.http_400")
+@pytest.mark.parametrize("kind", ["400", "409"])
+def test_client_error_is_not_retried(server, kind):
+    # A 4xx that is not 408/429 will not get better by asking again.
+    server.inject(kind, times=None)
+    t = teacher(server)
+    [g] = ask(t, "hi")
+    assert g.error.startswith(f"teacher.http_{kind}")
     assert g.attempts == 1 and server.requests == 1
+    assert not t.limiter.cuts  # a bad request says nothing about the server's load
 
 
 def test_one_bad_row_does_not_sink_its_batch(server):
@@ -131,6 +195,46 @@ def test_retry_after_parsing():
     assert 25 <= _retry_after(E({"retry-after": when})) <= 31
 
 
+def test_server_that_ignores_logprobs_gives_null_not_invented_values():
+    with FakeOpenAIServer(logprobs=False) as s:
+        t = teacher(s, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 5}, request_token_ids=True)
+        [g] = ask(t, "one two three")
+    assert g.error is None and g.text == "echo: one two three"
+    assert g.token_ids is g.token_logprobs is g.top_ids is g.top_logprobs is None
+
+
+def test_token_strings_map_to_ids_through_the_named_tokenizer():
+    # A server that names tokens by text (OpenAI's API) plus the teacher's tokenizer:
+    # ids come from the token bytes; one unmappable alternative -> the row has none.
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from datagen import embedded
+
+    name = "embedded:smollm2-135m-instruct"
+    tok = AutoTokenizer.from_pretrained(str(embedded.materialize(name)))
+    with FakeOpenAIServer(answer=lambda m: "hello world") as s:
+        t = teacher(s, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 1}, tokenizer=name)
+        [g] = ask(t, "hi")
+        assert g.token_ids == tok.encode("hello world") == [x[0] for x in g.top_ids]
+        assert g.token_logprobs == [-0.05, -0.05]
+        assert t.info()["tokenizer_fingerprint"].startswith("sha256:")
+        # top-3: the fake's alternatives are named "alt1", "alt2": not tokens of this vocab
+        t3 = teacher(s, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 3}, tokenizer=name)
+        [g3] = ask(t3, "hi")
+    assert g3.error is None and g3.text == "hello world"
+    assert g3.token_ids is None and g3.top_ids is None and g3.top_logprobs is None
+
+
+def test_tokenizer_that_is_not_byte_level_is_refused(tmp_path):
+    from datagen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot load tokenizer"):
+        OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+            "name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+            "tokenizer": str(tmp_path / "nothing-here")}))
+
+
 def test_logprobs_with_token_ids(server):
     t = teacher(server, sampling={"temperature": 0, "max_tokens": 32, "logprobs": 5}, request_token_ids=True)
     [g] = ask(t, "one two three")
@@ -167,7 +271,7 @@ def test_key_echoed_by_a_server_is_scrubbed(monkeypatch):
         # A proxy that repeats the Authorization header in its error body.
         orig = fo.FakeOpenAIServer._serve
 
-        def echo(self, h, body, fault):
+        async def echo(self, h, body, fault):
             h._json(400, {"error": {"message": "bad key " + h.headers.get("authorization", "")}})
 
         monkeypatch.setattr(fo.FakeOpenAIServer, "_serve", echo)

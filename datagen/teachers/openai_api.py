@@ -1,14 +1,23 @@
 """Any OpenAI-compatible chat endpoint, through the official ``openai`` async client.
 
-Concurrency is bounded by a semaphore per replica; every request is retried by tenacity
-(bounded attempts, jittered exponential back-off, ``Retry-After`` honoured up to a cap),
-with the client's own retries switched off so there is exactly one retry policy.
+Flow control is a ``Limiter`` per replica (``ratelimit.py``): adaptive concurrency,
+``Retry-After`` pauses and request/token budgets, taken by every attempt. Every request
+is retried by tenacity (bounded attempts, jittered exponential back-off, ``Retry-After``
+honoured up to a cap), with the client's own retries switched off so there is exactly
+one retry policy.
 
-What is retried: 429, 408, 409, 5xx, time-outs, dropped connections and bodies that
-are not the JSON the API promises (a proxy's HTML error page, a truncated body). What
-is not: other 4xx (a bad request stays bad). A request that still fails becomes a row
+What is retried: 429, 5xx, time-outs (the client's, and a server's 408), dropped
+connections, and bodies that are not the JSON the API promises (a proxy's HTML error
+page, a body cut short). What is not: every other 4xx, 409 included (a bad request
+stays bad; the issue's contract is 429/5xx/time-outs/resets only). A request that still fails becomes a row
 in the ``failed`` stream with a reason such as ``teacher.http_500``; ``datagen resume``
 tries it again.
+
+Logprobs: asked for when ``sampling.logprobs`` is set. Stored only with token ids:
+from a vLLM server's ``token_id:N`` names (``request_token_ids``) or, for servers that
+give token strings, through the teacher's tokenizer (``tokenizer:``, ``tokenmap.py``).
+A server that ignores the request, or tokens that cannot be mapped, leave the row's
+logprob columns null: unavailable, never invented.
 
 The API key is read from the environment variable the job file names, at actor start,
 and lives only in the client object; it is never logged, stored or put in an error.
@@ -31,6 +40,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from datagen.config import OpenAITeacher
 from datagen.errors import ConfigError
 from datagen.teachers.base import Generation
+from datagen.teachers.ratelimit import Limiter
+from datagen.teachers.tokenmap import TokenMap
 
 RETRY_AFTER_CAP_S = 60.0
 
@@ -52,7 +63,7 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIResponseValidationError):
         return True
     status = _status(exc)
-    return status is not None and (status in (408, 409, 429) or status >= 500)
+    return status is not None and (status in (408, 429) or status >= 500)
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -130,12 +141,13 @@ class OpenAICompatibleTeacher:
                     "(it should hold the API key)"
                 )
         self._key = key  # only ever handed to the client; never logged, stored or repr'd
+        self._tokens = TokenMap.load(cfg.tokenizer, teacher=cfg.name) if cfg.tokenizer else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
-        self._sem: asyncio.Semaphore | None = None
+        self.limiter: Limiter | None = None
 
     def _bind(self) -> None:
-        """The client and semaphore belong to one event loop; make them for the current one."""
+        """The client and limiter belong to one event loop; make them for the current one."""
         import openai
 
         loop = asyncio.get_running_loop()
@@ -143,9 +155,33 @@ class OpenAICompatibleTeacher:
             self._loop = loop
             self._client = openai.AsyncOpenAI(
                 base_url=self.cfg.base_url, api_key=self._key or "not-needed", max_retries=0,
-                timeout=self.cfg.timeout_s,
+                timeout=self.cfg.timeout_s, http_client=self._http_client(),
             )
-            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+            c = self.cfg
+            self.limiter = Limiter(
+                max_concurrency=c.max_concurrency, min_concurrency=c.min_concurrency,
+                adaptive=c.adaptive_concurrency, latency_ratio=c.latency_backoff,
+                requests_per_minute=c.requests_per_minute, tokens_per_minute=c.tokens_per_minute,
+            )
+
+    def _http_client(self) -> Any:
+        import openai
+        from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+        # Keep a connection alive per request in flight: the client's default keeps 100, so
+        # at 256 in flight most requests would pay a new TCP connection. (The Limits class
+        # is taken from the client's own default: it is httpx's or httpx2's, by version.)
+        n = self.cfg.max_concurrency
+        limits = type(DEFAULT_CONNECTION_LIMITS)(max_connections=n, max_keepalive_connections=n)
+        aio = getattr(openai, "DefaultAioHttpClient", None)
+        if aio is not None:
+            try:
+                # aiohttp's pool hands out a connection in O(1); httpx's scans every
+                # connection per request, which dominated the CPU at 256 in flight.
+                return aio(limits=limits, timeout=self.cfg.timeout_s)
+            except RuntimeError:  # openai installed without its aiohttp extra
+                pass
+        return openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.cfg.timeout_s)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleTeacher(name={self.cfg.name!r}, base_url={self.cfg.base_url!r})"
@@ -154,87 +190,142 @@ class OpenAICompatibleTeacher:
         return {
             "name": self.cfg.name, "backend": "openai", "model": self.cfg.model,
             "revision": self.cfg.revision, "license": self.cfg.license,
-            "tokenizer_fingerprint": None,
+            "tokenizer_fingerprint": self._tokens.fingerprint if self._tokens else None,
         }
+
+    async def aclose(self) -> None:
+        """Close the HTTP pool (a Ray actor's goes with its process; tests and scripts
+        that run several event loops call this before each one ends)."""
+        if self._client is not None:
+            await self._client.close()
+        self._client, self._loop = None, None
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[Generation]:
         self._bind()
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
+    def _estimate_tokens(self, request: dict[str, Any]) -> int:
+        """Before the server has said: ~4 characters a token, plus the whole answer budget."""
+        chars = sum(len(str(m.get("content", ""))) for m in request["messages"])
+        return chars // 4 + self.cfg.sampling.max_tokens
+
     async def _one(self, request: dict[str, Any]) -> Generation:
-        async with self._sem:
-            start = time.perf_counter()
-            attempts = 0
-            try:
-                async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(self.cfg.max_attempts),
-                    wait=_Wait(),
-                    retry=retry_if_exception(_retryable),
-                    reraise=True,
-                ):
-                    with attempt:
-                        attempts += 1
-                        gen = await self._call(request)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reasoned row
-                return Generation(
-                    row_id=request["row_id"], attempts=attempts,
-                    latency_s=time.perf_counter() - start,
-                    error=f"{_error_code(exc)}: {_describe(exc, self._key)} (after {attempts} attempts)",
-                )
-            gen.attempts = attempts
-            gen.latency_s = time.perf_counter() - start
-            return gen
+        start = time.perf_counter()
+        attempts = 0
+        estimate = self._estimate_tokens(request) if self.cfg.tokens_per_minute else 0
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.cfg.max_attempts),
+                wait=_Wait(),
+                retry=retry_if_exception(_retryable),
+                reraise=True,
+            ):
+                with attempt:
+                    attempts += 1
+                    gen = await self._attempt(request, estimate)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reasoned row
+            return Generation(
+                row_id=request["row_id"], attempts=attempts,
+                latency_s=time.perf_counter() - start,
+                error=f"{_error_code(exc)}: {_describe(exc, self._key)} (after {attempts} attempts)",
+            )
+        gen.attempts = attempts
+        gen.latency_s = time.perf_counter() - start
+        return gen
+
+    async def _attempt(self, request: dict[str, Any], estimate: int) -> Generation:
+        """One HTTP attempt under the limiter: a slot and budget before, the outcome after."""
+        ticket = await self.limiter.acquire(tokens=estimate)
+        try:
+            gen = await self._call(request)
+        except BaseException as exc:
+            self.limiter.release(ticket, ok=False, congestion=_congestion(exc), retry_after=_retry_after(exc))
+            raise
+        used = (gen.prompt_tokens + gen.completion_tokens
+                if gen.prompt_tokens is not None and gen.completion_tokens is not None else None)
+        self.limiter.release(ticket, ok=True, used_tokens=used, generated=gen.completion_tokens)
+        return gen
 
     async def _call(self, request: dict[str, Any]) -> Generation:
         s = self.cfg.sampling
-        kwargs: dict[str, Any] = {
+        body: dict[str, Any] = {
             "model": self.cfg.model, "messages": request["messages"],
             "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
             "seed": request["seed"],
         }
         if s.stop:
-            kwargs["stop"] = s.stop
+            body["stop"] = s.stop
         if s.logprobs is not None:
-            kwargs["logprobs"] = True
-            kwargs["top_logprobs"] = s.logprobs
+            body["logprobs"] = True
+            body["top_logprobs"] = s.logprobs
             if self.cfg.request_token_ids:
                 # vLLM servers can name tokens by id ("token_id:123"); OpenAI's API would
                 # reject the unknown field, hence opt-in.
-                kwargs["extra_body"] = {"return_tokens_as_token_ids": True}
-        resp = await self._client.chat.completions.create(**kwargs)
-        return self._parse(request["row_id"], resp)
+                body["return_tokens_as_token_ids"] = True
+        # The client's generic ``post``, not the typed ``chat.completions.create``: same
+        # auth, time-outs and status -> exception mapping, but the typed path walks every
+        # message through a TypedDict transform and builds pydantic models of the answer,
+        # which was over half the CPU per request at hundreds of requests/s.
+        data = await self._client.post("/chat/completions", body=body, cast_to=object)
+        return self._parse(request["row_id"], data)
 
-    def _parse(self, row_id: str, resp: Any) -> Generation:
-        choices = getattr(resp, "choices", None)
-        if not choices:
+    def _parse(self, row_id: str, data: Any) -> Generation:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise MalformedResponse("response has no choices")
         choice = choices[0]
-        text = getattr(getattr(choice, "message", None), "content", None)
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str):
             raise MalformedResponse("response has no message content")
-        usage = getattr(resp, "usage", None)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         g = Generation(
-            row_id=row_id, text=text, finish_reason=choice.finish_reason,
-            prompt_tokens=getattr(usage, "prompt_tokens", None),
-            completion_tokens=getattr(usage, "completion_tokens", None),
+            row_id=row_id, text=text, finish_reason=choice.get("finish_reason"),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
         )
-        content = getattr(getattr(choice, "logprobs", None), "content", None)
-        if self.cfg.sampling.logprobs is not None and content:
-            ids = [_token_id(c.token) for c in content]
-            tops = [[_token_id(t.token) for t in c.top_logprobs] for c in content]
-            # Without ids (a server that names tokens by text) KD cannot use them: store none.
-            if all(i is not None for i in ids) and all(i is not None for t in tops for i in t):
-                g.token_ids = ids
-                g.token_logprobs = [c.logprob for c in content]
-                g.top_ids = tops
-                g.top_logprobs = [[t.logprob for t in c.top_logprobs] for c in content]
+        if self.cfg.sampling.logprobs is not None:
+            self._logprobs(g, choice.get("logprobs"))
         return g
 
-
-def _token_id(token: str) -> int | None:
-    if token.startswith("token_id:"):
+    def _logprobs(self, g: Generation, logprobs: Any) -> None:
+        """Fill the KD columns, all or nothing: a server that ignored the request, an
+        entry without a usable id, or a shape we do not know leaves them null."""
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if not content or not isinstance(content, list):
+            return
         try:
-            return int(token[len("token_id:"):])
-        except ValueError:
+            ids = [self._id(c) for c in content]
+            tops = [[self._id(t) for t in c["top_logprobs"]] for c in content]
+            lps = [float(c["logprob"]) for c in content]
+            top_lps = [[float(t["logprob"]) for t in c["top_logprobs"]] for c in content]
+        except (KeyError, TypeError, ValueError):
+            return
+        if any(i is None for i in ids) or any(i is None for t in tops for i in t):
+            return
+        g.token_ids, g.token_logprobs, g.top_ids, g.top_logprobs = ids, lps, tops, top_lps
+
+    def _id(self, entry: dict[str, Any]) -> int | None:
+        token = entry["token"]
+        if not isinstance(token, str):
             return None
-    return None
+        if token.startswith("token_id:"):
+            try:
+                return int(token[len("token_id:"):])
+            except ValueError:
+                return None
+        return self._tokens.id(token, entry.get("bytes")) if self._tokens else None
+
+
+def _count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _congestion(exc: BaseException) -> str | None:
+    """The server pushing back (as opposed to a bug or a bad request)."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    status = _status(exc)
+    return str(status) if status in (429, 503) else None
