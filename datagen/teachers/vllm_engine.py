@@ -76,6 +76,11 @@ def engine_kwargs(cfg: VLLMTeacher) -> tuple[dict[str, Any], str | None, str | N
     for key in ("max_model_len", "quantization", "max_num_seqs"):
         if getattr(e, key) is not None:
             kwargs[key] = getattr(e, key)
+    if cfg.num_gpus == 0:
+        # vLLM's CPU runner crashes the engine when a seeded request's prefill is split
+        # across steps ("CPU Generator does not use offset": it rewinds a CUDA-only RNG
+        # offset). Every datagen request is seeded, so prefill whole prompts on CPU.
+        kwargs["enable_chunked_prefill"] = False
     if cfg.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
         if e.tensor_parallel_size * e.pipeline_parallel_size > 1:
