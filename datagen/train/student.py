@@ -37,9 +37,17 @@ def fingerprint(tokenizer: Any) -> str:
     return tokenizer_fingerprint(tokenizer.get_vocab(), getattr(tokenizer, "special_tokens_map", None))
 
 
+def quiet_hf() -> None:
+    """transformers' own load/save bars would fight ours on the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    quiet_hf()
     tok = AutoTokenizer.from_pretrained(resolve(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -120,9 +128,7 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
     import shutil
     import tempfile
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bar is the one the user watches
+    quiet_hf()
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     dest.parent.mkdir(parents=True, exist_ok=True)
