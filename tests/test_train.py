@@ -316,3 +316,35 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, store):
     t.save(result)
     merged = AutoModelForCausalLM.from_pretrained(result.final_dir)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, store):
+    """A real `datagen train` process gets SIGTERM mid-run: it finishes the step, checkpoints
+    it, exits 130; `--resume` then completes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_cfg(tmp_path, store, steps=400, checkpoint_every=1000)
+    log = tmp_path / "run" / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "datagen", "train", str(cfg), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    last = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert 3 <= last < 400
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == f"step-{last:06d}"
+    assert "--resume" in err
+    short = write_cfg(tmp_path, store, steps=last + 2, checkpoint_every=1000)
+    assert main(["train", str(short), "--resume", "-q"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

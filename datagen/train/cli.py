@@ -5,6 +5,9 @@ Kept apart from ``datagen/cli.py`` so that file only gains two small sub-command
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ class TrainProgress:
 
 
 def run_train(path: str, *, resume: bool, quiet: bool) -> int:
+    from datagen.cli import EXIT_INTERRUPTED
     from datagen.train.config import load_train
     from datagen.train.trainer import Trainer
 
@@ -48,12 +52,32 @@ def run_train(path: str, *, resume: bool, quiet: bool) -> int:
     err.print(f"student: {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable) on {t.device}; "
               f"{'KD + CE' if t.use_kd else 'CE only (SFT)'}; " +
               (f"resuming at step {t.step}" if resume else "from step 0"), highlight=False)
-    with TrainProgress(err, cfg.name, total=cfg.steps, done=t.step) as progress:
+    with _stop_on_signal(t), TrainProgress(err, cfg.name, total=cfg.steps, done=t.step) as progress:
         result = t.train(progress=progress)
+    if result.interrupted:
+        Console(stderr=True).print(f"interrupted at step {result.steps}: checkpoint saved; "
+                                   f"`datagen train {path} --resume` continues", style="yellow", highlight=False)
+        return EXIT_INTERRUPTED
     t.save(result)
     print(f"trained {result.steps} steps ({result.tokens_per_s:,.0f} tok/s); student: {result.final_dir}; "
           f"checkpoints: {t.ckdir}")
     return 0
+
+
+@contextmanager
+def _stop_on_signal(trainer: Any) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130. A second one stops at once."""
+    def handler(signum: int, frame: Any) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _params(model: Any) -> tuple[int, int]:

@@ -15,7 +15,7 @@ bf16 autocast. The same config runs on either (``device: auto``).
 Resume is exact: a checkpoint holds model, optimizer, scheduler and RNG states, and the
 batch stream is replayed from its seed up to the checkpoint's step (datagen/train/data.py).
 A run that dies between checkpoints loses the steps since the last one, and redoes them
-identically. Not covered: multi-GPU (one device per run), gradient accumulation.
+identically; Ctrl-C / SIGTERM (through the CLI) finish the current step and checkpoint it. Not covered: multi-GPU (one device per run), gradient accumulation.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class TrainResult:
     log: list[StepStats] = field(default_factory=list)
     tokens_per_s: float = 0.0
     resumed_from: int | None = None
+    interrupted: bool = False
 
 
 def pick_device(name: str) -> str:
@@ -118,6 +119,7 @@ class Trainer:
         self.cfg = cfg
         self.out = cfg.output
         self.ckdir = cfg.output / "checkpoints"
+        self.stop_requested = False  # set by the CLI's SIGINT/SIGTERM handler; checked between steps
 
     # -- setup ---------------------------------------------------------------------
     def setup(self, *, resume: bool) -> None:
@@ -215,10 +217,13 @@ class Trainer:
                 log.flush()
                 if progress is not None:
                     progress(stats, tokens / (time.perf_counter() - start))
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stop_requested:
                     self.save_checkpoint()
                 if on_step is not None:
                     on_step(stats)
+                if self.stop_requested and self.step < cfg.steps:
+                    result.interrupted = True
+                    break
         elapsed = time.perf_counter() - start
         result.steps = self.step
         result.tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
