@@ -348,3 +348,64 @@ def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, stor
     short = write_cfg(tmp_path, store, steps=last + 2, checkpoint_every=1000)
     assert main(["train", str(short), "--resume", "-q"]) == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_selection_by_teacher_license_score_and_holdout(tmp_path, tok):
+    from datagen.train.config import Data
+
+    rows = []
+    for i in range(30):
+        r = make_row(tok, i)
+        r["teacher"] = {**r["teacher"], "name": "a" if i % 2 else "b"}
+        if i % 3 == 0:
+            r["license"] = {**r["license"], "teacher": "LicenseRef-Unknown-Terms"}  # unknown: restricted
+        r["verdicts"] = [{"filter": "judge", "keep": True, "reason": "ok", "score": i / 30, "details": None}]
+        rows.append(r)
+    src = make_store(tmp_path / "sel", rows)
+
+    def ids(**kw):
+        return {r["row_id"] for r in data.select_rows(Data(path=src, holdout_fraction=0.0, **kw), split="train")}
+
+    by_id = {r["row_id"]: r for r in rows}
+    assert ids() == set(by_id)
+    assert ids(teachers=["a"]) == {k for k, r in by_id.items() if r["teacher"]["name"] == "a"}
+    assert ids(license_class="permissive") == {k for k, r in by_id.items()
+                                               if r["license"]["teacher"] == "Apache-2.0"}
+    assert ids(min_score={"judge": 0.5}) == {k for k, r in by_id.items() if r["verdicts"][0]["score"] >= 0.5}
+    assert ids(min_score={"other": 0.0}) == set()
+    assert len(ids(max_rows=7)) == 7
+    # the split is by prompt, disjoint, and covers every row
+    d = Data(path=src, holdout_fraction=0.3)
+    train_ids = {r["row_id"] for r in data.select_rows(d, split="train")}
+    held_ids = {r["row_id"] for r in data.select_rows(d, split="heldout")}
+    assert train_ids and held_ids and not train_ids & held_ids and train_ids | held_ids == set(by_id)
+
+
+def test_final_answer_folds_json_and_text():
+    from datagen.train.evaluate import final_answer
+
+    assert final_answer('Sure! {"b": 1, "a": "x"}') == final_answer('```json\n{"a": "x", "b": 1}\n```')
+    assert final_answer("Let me think.\nThe answer is: Yes.") == final_answer("the answer is yes")
+    assert final_answer("") == ""
+
+
+def test_eval_writes_a_report_for_each_student(tmp_path, store, capsys):
+    cfg = write_cfg(tmp_path, store, steps=2, data={"path": str(store), "holdout_fraction": 0.3})
+    assert main(["train", str(cfg), "-q"]) == 0
+    ev = {"data": {"path": str(store), "holdout_fraction": 0.3}, "students": {"s": str(tmp_path / "run" / "final")},
+          "max_rows": 3, "max_new_tokens": 4, "output": str(tmp_path / "eval.json"),
+          "verifier": {"filters": ["nonempty", "format"], "answer": {"format": "json", "required": ["order_id"]}}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(ev))
+    assert main(["eval", str(tmp_path / "eval.yaml"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "token_kl" in out and "perplexity" in out and "verifier_pass" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["rows"] == 3
+    s = report["students"]["s"]
+    assert s["token_kl"] > 0 and s["perplexity"] > 1 and 0 <= s["answer_agreement"] <= 1
+    assert s["verifier_pass"] == 0.0  # 4 tokens cannot hold the required JSON
+    assert report["teacher"]["verifier_pass"] == 1.0
+    # a held-out fraction of 0 leaves nothing to score: a clear error
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({**ev, "data": {"path": str(store), "holdout_fraction": 0.0}}))
+    assert main(["eval", str(tmp_path / "eval.yaml"), "-q"]) == 1
+    assert "no held-out rows" in capsys.readouterr().err
