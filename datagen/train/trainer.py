@@ -70,7 +70,9 @@ def pick_device(name: str) -> str:
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """What a checkpoint must agree with to be resumed (run length and device may change)."""
+    """What a checkpoint must agree with to be resumed. Run length and device may change: a
+    longer ``steps`` extends the run (the cosine schedule then stretches to the new length,
+    so only a resume with the same ``steps`` is exact)."""
     return records.content_hash(cfg.model_dump(mode="json", exclude={"steps", "checkpoint_every",
                                                                       "keep_checkpoints", "device"}))
 
