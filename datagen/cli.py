@@ -1,5 +1,5 @@
 """``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, dedupe, rescore,
-export, verify, submit, jobs, licenses.
+export, verify, submit, jobs, licenses, train, eval.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
@@ -297,6 +297,18 @@ def cmd_licenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from datagen.train.cli import run_train
+
+    return run_train(args.train_file, resume=args.resume, quiet=args.quiet)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from datagen.train.cli import run_eval
+
+    return run_eval(args.eval_file, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="datagen", description="Build distillation datasets from teacher models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -403,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("licenses", help="list the license registry")
     r.set_defaults(func=cmd_licenses)
+
+    r = sub.add_parser("train", help="train a student on a run's accepted rows (SFT and/or KD)")
+    r.add_argument("train_file", help="train file (YAML); see examples/train.yaml")
+    r.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("eval", help="compare students with the teacher on held-out prompts")
+    r.add_argument("eval_file", help="eval file (YAML); see examples/eval.yaml")
+    r.add_argument("--quiet", "-q", action="store_true")
+    r.set_defaults(func=cmd_eval)
     return p
 
 

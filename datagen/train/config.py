@@ -1,0 +1,162 @@
+"""Train and eval files: pydantic v2 models loaded from YAML, validated like job files.
+
+Relative paths resolve against the file's folder, so ``datagen train examples/train.yaml``
+works from any directory. Errors name the field and the value, e.g.
+``train.yaml: optim.lr: Input should be greater than 0 (got 0.0)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from datagen.config import Strict, format_validation_error, read_yaml
+from datagen.errors import ConfigError
+from datagen.prompts import AnswerFormat
+
+
+class Data(Strict):
+    """Which committed rows to read. Accepted rows only; the manifest decides what exists."""
+
+    path: Path = Field(description="a datagen output directory (or export / dedupe view)")
+    license_class: Literal["permissive", "conditional", "restricted"] | None = Field(
+        None, description="keep rows whose strictest term is at most this class")
+    teachers: list[str] = Field(default_factory=list, description="keep rows from these teacher names")
+    min_score: dict[str, float] = Field(
+        default_factory=dict, description="filter name -> lowest verdict score kept (rows without one are dropped)")
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="prompts held out for eval, chosen by a hash of prompt_id (train and eval agree)")
+    max_rows: int | None = Field(None, ge=1, description="stop reading after this many selected rows")
+
+
+class Lora(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class Student(Strict):
+    """Where the student's weights come from.
+
+    - ``pretrained``: ``path`` is a local HF folder (or ``embedded:NAME``);
+    - ``config``: random init from ``config`` (HF config fields, ``model_type`` required),
+      tokenizer from ``tokenizer``;
+    - ``prune``: ``path`` is the teacher's HF folder; keep every ``keep_every``-th layer
+      (the first and last always), copy embeddings, norms and head.
+    """
+
+    init: Literal["pretrained", "config", "prune"]
+    path: str | None = None
+    tokenizer: str | None = Field(None, description="HF folder of the tokenizer; default: path")
+    config: dict[str, Any] = Field(default_factory=dict)
+    keep_every: int = Field(2, ge=1)
+    lora: Lora | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> Student:
+        if self.init in ("pretrained", "prune") and not self.path:
+            raise ValueError(f"student.path is required for init: {self.init}")
+        if self.init == "config":
+            if "model_type" not in self.config:
+                raise ValueError("student.config.model_type is required for init: config (e.g. llama)")
+            if not (self.tokenizer or self.path):
+                raise ValueError("student.tokenizer is required for init: config")
+        return self
+
+
+class Loss(Strict):
+    """loss = (1 - kd_weight) * CE(teacher text) + kd_weight * temperature^2 * KL(teacher top-k || student).
+
+    ``kd_tail`` says what happens to the probability the teacher put outside its stored
+    top-k (see ``losses.kd_loss``)."""
+
+    kd_weight: float = Field(0.5, ge=0.0, le=1.0, description="0 = pure SFT on teacher text")
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    kd_tail: Literal["renormalize", "bucket"] = "renormalize"
+
+    @model_validator(mode="after")
+    def _bucket_needs_t1(self) -> Loss:
+        if self.kd_tail == "bucket" and self.temperature != 1.0:
+            raise ValueError("loss.kd_tail: bucket needs temperature 1.0 (the tempered tail mass is unknown)")
+        return self
+
+
+class Optim(Strict):
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+
+
+class TrainConfig(Strict):
+    name: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = 0
+    data: Data
+    student: Student
+    loss: Loss = Field(default_factory=Loss)
+    optim: Optim = Field(default_factory=Optim)
+    steps: int = Field(ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="packed sequences per step")
+    seq_len: int = Field(512, ge=16, description="tokens per packed sequence")
+    shuffle_buffer: int = Field(1024, ge=1, description="rows in the streaming shuffle buffer")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Path
+
+
+class Verifier(Strict):
+    filters: list[str] = Field(default_factory=lambda: ["nonempty", "format"])
+    answer: AnswerFormat = Field(default_factory=AnswerFormat)
+
+
+class EvalConfig(Strict):
+    data: Data
+    students: dict[str, str] = Field(min_length=1, description="label -> HF model folder (a trainer's final/)")
+    max_rows: int = Field(50, ge=1, description="held-out rows to score")
+    max_new_tokens: int = Field(64, ge=1, description="student's greedy answer length")
+    verifier: Verifier | None = Field(None, description="filters run on each student's answers")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Path = Field(description="JSON report")
+
+
+def _rel(base: Path, p: str | Path) -> str:
+    s = str(p)
+    if s.startswith("embedded:") or Path(s).is_absolute():
+        return s
+    return str((base / s).resolve())
+
+
+def _load(path: str | os.PathLike[str], model: type[Strict], what: str) -> Any:
+    path = Path(path)
+    data = read_yaml(path, what=what)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where=str(path))) from None
+    base = path.parent.resolve()
+    upd: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": Path(_rel(base, cfg.data.path))}),
+                           "output": Path(_rel(base, cfg.output))}
+    if isinstance(cfg, TrainConfig):
+        st = cfg.student
+        upd["student"] = st.model_copy(update={
+            "path": st.path and _rel(base, st.path), "tokenizer": st.tokenizer and _rel(base, st.tokenizer)})
+    else:
+        upd["students"] = {k: _rel(base, v) for k, v in cfg.students.items()}
+    return cfg.model_copy(update=upd)
+
+
+def load_train(path: str | os.PathLike[str]) -> TrainConfig:
+    return _load(path, TrainConfig, "train file")
+
+
+def load_eval(path: str | os.PathLike[str]) -> EvalConfig:
+    return _load(path, EvalConfig, "eval file")
