@@ -29,13 +29,20 @@ def view(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in VIEW_FIELDS}
 
 
+def filter_context(job: Any) -> dict[str, Any]:
+    """What filters may see of the job besides their params: the teachers' configs (env-var
+    names of keys, never keys), for a judge."""
+    return {"teachers": {t.name: t.model_dump(mode="json") for t in job.teachers}}
+
+
 class FilterWorker:
     """Hosts the job's filter chain in a Ray actor (or in the driver)."""
 
-    def __init__(self, specs: list[Any], answer: dict[str, Any], short_circuit: bool):
+    def __init__(self, specs: list[Any], answer: dict[str, Any], short_circuit: bool, context: dict[str, Any]):
         from datagen.prompts import AnswerFormat
 
-        self.chain = FilterChain(specs, AnswerFormat.model_validate(answer), short_circuit=short_circuit)
+        self.chain = FilterChain(specs, AnswerFormat.model_validate(answer), short_circuit=short_circuit,
+                                 context=context)
 
     def ready(self) -> bool:
         return True
@@ -60,6 +67,7 @@ class FilterPool:
     def __init__(self, job: Any, answer: Any, *, slots: int = 2):
         specs = [s.model_dump(mode="json") for s in job.filters]
         answer_json = answer.model_dump(mode="json")
+        context = filter_context(job)
         self.actors: list[Any] = []
         self.load: dict[Any, int] = {}
         self.slots = slots
@@ -68,14 +76,14 @@ class FilterPool:
         self.local: FilterWorker | None = None
         n = job.runtime.filter_actors
         if n == 0:
-            self.local = FilterWorker(specs, answer_json, job.filter_short_circuit)
+            self.local = FilterWorker(specs, answer_json, job.filter_short_circuit, context)
             return
         import ray
 
         remote = ray.remote(FilterWorker).options(
             num_cpus=job.runtime.filter_num_cpus, max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=ACTOR_MAX_RESTARTS)
-        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit) for _ in range(n)]
+        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit, context) for _ in range(n)]
         self.load = {a: 0 for a in self.actors}
         self.max_backlog = n * slots * 4
 
@@ -191,4 +199,5 @@ def _committed_tokens(store: Any) -> int:
     return total
 
 
-__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "Quota", "Verdict", "decide", "view"]
+__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "Quota", "Verdict", "decide", "filter_context",
+           "view"]

@@ -27,7 +27,7 @@ from typing import Any
 from datagen import licenses, records
 from datagen.config import Job
 from datagen.errors import DatagenError, MissingExtra, OutputError
-from datagen.filter_pool import FilterFailed, FilterPool, Pending, Quota, decide
+from datagen.filter_pool import FilterFailed, FilterPool, Pending, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
 from datagen.shards import ShardStore
@@ -104,7 +104,7 @@ def prepare(job: Job) -> tuple[PromptStream, str]:
     licenses.resolve_job(job, template=provisional.template)
     # Filters that judge against the seed (a reference answer, unit tests) refuse seeds
     # without it now, before a token is paid for.
-    FilterChain(job.filters, provisional.template.spec.answer).check_seeds(
+    FilterChain(job.filters, provisional.template.spec.answer, context=filter_context(job)).check_seeds(
         provisional.seeds, id_field=provisional.template.spec.seeds.id_field)
     for t in job.teachers:
         if getattr(t, "api_key_env", None) and not os.environ.get(t.api_key_env):

@@ -29,9 +29,10 @@ def verdict(spec: str | dict, response: str | None, seed: dict | None = None, **
 
 
 def test_every_registered_filter_builds_from_its_bare_name_or_minimal_params():
-    minimal = {"schema": {"json_schema": {"type": "object"}}}
+    minimal = {"schema": {"json_schema": {"type": "object"}}, "judge": {"teacher": "t"}}
+    context = {"teachers": {"t": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9"}}}
     for name in FILTERS:
-        chain = FilterChain([{"name": name, **minimal.get(name, {})}], TEXT)
+        chain = FilterChain([{"name": name, **minimal.get(name, {})}], TEXT, context=context)
         assert chain.filters[0].name == name
 
 

@@ -12,7 +12,7 @@ ran is stored on the row.
 
 Modules: ``heuristics`` (cheap per-row checks), ``schema`` (JSON + JSON Schema / pydantic),
 ``math_answer`` (final answers vs a reference), ``code`` + ``sandbox`` (unit tests in a
-sandboxed subprocess). Rule packs and verifier assets live in the repo's ``filters/``.
+sandboxed subprocess), ``judge`` (a teacher grades with a rubric). Rule packs and verifier assets live in the repo's ``filters/``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from datagen.filters.base import Filter, FilterError, FilterSpec, Row, Seed, Verdict
+from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 from datagen.filters.code import CodeSpec
 from datagen.filters.heuristics import (FormatSpec, LanguageSpec, LengthSpec, NonEmptySpec, NotTruncatedSpec,
                                         RefusalSpec, RepetitionSpec, TemplateLeakSpec)
+from datagen.filters.judge import JudgeSpec
 from datagen.filters.math_answer import MathSpec
 from datagen.filters.schema import SchemaSpec, extract_json
 
@@ -39,6 +40,7 @@ FILTERS: dict[str, type[FilterSpec]] = {
     "schema": SchemaSpec,
     "math": MathSpec,
     "code": CodeSpec,
+    "judge": JudgeSpec,
 }
 DEFAULT_FILTERS = ("nonempty", "not_truncated", "format")
 
@@ -71,8 +73,8 @@ class FilterChain:
     concurrently (the code filter does)."""
 
     def __init__(self, specs: Sequence[str | dict[str, Any] | FilterSpec], answer: Any, *,
-                 short_circuit: bool = True):
-        self.filters: list[Filter] = [spec_of(s).build(answer) for s in specs]
+                 short_circuit: bool = True, context: Context | None = None):
+        self.filters: list[Filter] = [spec_of(s).build(answer, context or {}) for s in specs]
         self.short_circuit = short_circuit
 
     def check_seeds(self, seeds: Sequence[dict[str, Any]], *, id_field: str) -> None:

@@ -17,18 +17,23 @@ def assets_dir() -> Path:
     return Path(os.environ.get("DATAGEN_FILTERS_DIR") or Path(__file__).resolve().parents[2] / "filters")
 
 
-@lru_cache(maxsize=32)
-def rule_pack(name: str) -> dict[str, Any]:
-    """``filters/rules/<name>.yaml``, a mapping; cached per process."""
+@lru_cache(maxsize=64)
+def asset_yaml(folder: str, name: str) -> dict[str, Any]:
+    """``filters/<folder>/<name>.yaml``, a mapping; cached per process."""
     import yaml
 
-    path = assets_dir() / "rules" / f"{name}.yaml"
+    path = assets_dir() / folder / f"{name}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise FilterError(f"rule pack {name!r} not found: {path}") from None
+        raise FilterError(f"{folder[:-1]} {name!r} not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise FilterError(f"rule pack {path} is not valid YAML: {exc}") from None
+        raise FilterError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise FilterError(f"rule pack {path} must be a mapping")
+        raise FilterError(f"{path} must be a mapping")
     return data
+
+
+def rule_pack(name: str) -> dict[str, Any]:
+    """``filters/rules/<name>.yaml``."""
+    return asset_yaml("rules", name)

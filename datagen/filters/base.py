@@ -9,7 +9,7 @@ was broken" must not drop (or keep) data silently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -20,6 +20,9 @@ from datagen.errors import DatagenError
 
 Row = dict[str, Any]
 Seed = dict[str, Any] | None
+# What a filter may need from the job beyond its own params: {"teachers": {name: config}}
+# (a judge grades with one of the job's teachers).
+Context = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class FilterSpec(BaseModel):
     # Needs the template's declared answer format (the ``format`` filter does).
     needs_answer_format: ClassVar[bool] = False
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         raise NotImplementedError
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from datagen.filters.base import Filter, FilterSpec, Row, Seed, Verdict, require_field
+from datagen.filters.base import Context, Filter, FilterSpec, Row, Seed, Verdict, require_field
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -47,7 +47,7 @@ class CodeSpec(FilterSpec):
     file_mb: int = Field(16, ge=1, le=4096, description="largest file (stdout included)")
     concurrency: int = Field(4, ge=1, le=64, description="programs run at once per filter worker")
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return CodeExec(self)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from datagen.filters.assets import rule_pack
-from datagen.filters.base import Filter, FilterError, FilterSpec, Row, Seed, Verdict
+from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 from datagen.filters.schema import extract_json
 
 _HAS_CONTENT = re.compile(r"\w")
@@ -79,21 +79,21 @@ class AnswerFormatCheck(Filter):
 class NonEmptySpec(FilterSpec):
     name: Literal["nonempty"] = "nonempty"
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return NonEmpty()
 
 
 class NotTruncatedSpec(FilterSpec):
     name: Literal["not_truncated"] = "not_truncated"
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return NotTruncated()
 
 
 class FormatSpec(FilterSpec):
     name: Literal["format"] = "format"
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return AnswerFormatCheck(answer)
 
 
@@ -115,7 +115,7 @@ class LengthSpec(FilterSpec):
             raise ValueError(f"max_words ({self.max_words}) is below min_words ({self.min_words})")
         return self
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return Length(self)
 
 
@@ -155,7 +155,7 @@ class RepetitionSpec(FilterSpec):
     max_line_repeat: float = Field(0.3, gt=0.0, le=1.0, description="share of repeated lines")
     min_words: int = Field(12, ge=1, description="shorter answers are not judged")
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return Repetition(self)
 
 
@@ -203,7 +203,7 @@ class RefusalSpec(FilterSpec):
                 raise ValueError(f"patterns[{i}] is not a valid regex: {exc}") from None
         return self
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return Refusal(self)
 
 
@@ -248,7 +248,7 @@ class LanguageSpec(FilterSpec):
     min_stopword_share: float = Field(0.08, ge=0.0, le=1.0, description="words that are stopwords")
     min_words: int = Field(8, ge=1, description="shorter answers only get the script check")
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return Language(self)
 
 
@@ -296,7 +296,7 @@ class TemplateLeakSpec(FilterSpec):
     pack: str = Field("template_leak", pattern=r"^[a-z0-9_-]+$")
     markers: list[str] = Field(default_factory=list, description="extra substrings")
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return TemplateLeak(self)
 
 

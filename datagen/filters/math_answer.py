@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from datagen.filters.base import Filter, FilterSpec, Row, Seed, Verdict, require_field
+from datagen.filters.base import Context, Filter, FilterSpec, Row, Seed, Verdict, require_field
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\.\d+%?")
 _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)",
@@ -198,7 +198,7 @@ class MathSpec(FilterSpec):
     answer_field: str = Field("answer", min_length=1, description="the seed field holding the reference")
     rel_tol: float = Field(1e-6, ge=0.0, le=0.1)
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         return MathAnswer(self)
 
 

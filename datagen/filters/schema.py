@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datagen.filters.base import Filter, FilterError, FilterSpec, Row, Seed, Verdict
+from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
@@ -64,7 +64,7 @@ class SchemaSpec(FilterSpec):
                 raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
         return self
 
-    def build(self, answer: Any) -> Filter:
+    def build(self, answer: Any, context: Context) -> Filter:
         if self.json_schema is not None:
             return JsonSchemaCheck(self.json_schema)
         return ModelCheck(self.model or "")
