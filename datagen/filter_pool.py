@@ -12,8 +12,8 @@ Only the fields filters read travel to the actors, not the KD logprob arrays.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.errors import DatagenError
@@ -25,8 +25,11 @@ VIEW_FIELDS = ("row_id", "prompt_id", "sample_index", "messages", "response", "f
                "sampling", "usage")
 
 
-def view(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in VIEW_FIELDS}
+def view(row: dict[str, Any], peers: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    v = {k: row[k] for k in VIEW_FIELDS}
+    if peers and row["prompt_id"] in peers:
+        v["peer_responses"] = peers[row["prompt_id"]]  # earlier runs' samples of this prompt
+    return v
 
 
 def filter_context(job: Any) -> dict[str, Any]:
@@ -53,10 +56,66 @@ class FilterWorker:
 
 @dataclass
 class Pending:
-    """Rows handed to the filters, waiting for verdicts, with the teacher they came from."""
+    """Rows handed to the filters, waiting for verdicts."""
 
-    teacher: str
     rows: list[dict[str, Any]]
+    peers: dict[str, list[str]] = field(default_factory=dict)  # prompt_id -> committed samples' answers
+
+
+class PromptGroups:
+    """For filters that judge a prompt's samples together (self-consistency): holds each
+    row until every sample of its prompt pulled this run is back (failed ones excepted),
+    then releases the group whole. A prompt's requests are consecutive in the stream, so
+    its group is closed once the next request pulled is another prompt's."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.expected: Counter = Counter()
+        self.closed: set[str] = set()  # every sample of these prompts has been pulled
+        self.held: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.skipped: set[str] = set()  # prompts with samples committed by an earlier run
+        self._peers: dict[str, list[str]] | None = None
+
+    def pulled(self, prompt_id: str, *, last: bool) -> None:
+        self.expected[prompt_id] += 1
+        if last:
+            self.closed.add(prompt_id)
+
+    def add(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        self.held[row["prompt_id"]].append(row)
+        return self._release(row["prompt_id"])
+
+    def failed(self, prompt_id: str) -> list[dict[str, Any]]:
+        self.expected[prompt_id] -= 1
+        return self._release(prompt_id)
+
+    def _release(self, prompt_id: str) -> list[dict[str, Any]]:
+        if prompt_id not in self.closed or len(self.held.get(prompt_id, ())) < self.expected[prompt_id]:
+            return []
+        self.closed.discard(prompt_id)
+        del self.expected[prompt_id]
+        return self.held.pop(prompt_id, [])
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Every partial group (the prompt stream or a budget ended mid-prompt)."""
+        rows = [r for group in self.held.values() for r in group]
+        self.held.clear()
+        self.expected.clear()
+        self.closed.clear()
+        return rows
+
+    def peers(self, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+        wanted = {r["prompt_id"] for r in rows} & self.skipped
+        if not wanted:
+            return {}
+        if self._peers is None:  # once per run, and only when a resumed prompt needs it
+            self._peers = defaultdict(list)
+            for stream in ("accepted", "rejected"):
+                t = self.store.read(stream, columns=["prompt_id", "response"])
+                for pid, text in zip(t.column("prompt_id").to_pylist(), t.column("response").to_pylist()):
+                    if pid in self.skipped:
+                        self._peers[pid].append(text)
+        return {pid: self._peers.get(pid, []) for pid in wanted}
 
 
 class FilterPool:
@@ -103,7 +162,7 @@ class FilterPool:
     def submit(self, pending: Pending, seeds: list[Any]) -> list[tuple[Pending, list[list[dict[str, Any]]]]]:
         """Queue a batch. In-driver mode judges it now and returns ``[(pending, verdicts)]``."""
         if self.local is not None:
-            return [(pending, self.local.run([view(r) for r in pending.rows], seeds))]
+            return [(pending, self.local.run([view(r, pending.peers) for r in pending.rows], seeds))]
         self.queue.append((pending, seeds))
         self._dispatch()
         return []
@@ -114,7 +173,7 @@ class FilterPool:
             if self.load[actor] >= self.slots:
                 return
             pending, seeds = self.queue.popleft()
-            ref = actor.run.remote([view(r) for r in pending.rows], seeds)
+            ref = actor.run.remote([view(r, pending.peers) for r in pending.rows], seeds)
             self.load[actor] += 1
             self.inflight[ref] = (actor, pending)
 
@@ -199,5 +258,5 @@ def _committed_tokens(store: Any) -> int:
     return total
 
 
-__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "Quota", "Verdict", "decide", "filter_context",
+__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups", "Quota", "Verdict", "decide", "filter_context",
            "view"]

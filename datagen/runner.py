@@ -27,7 +27,7 @@ from typing import Any
 from datagen import licenses, records
 from datagen.config import Job
 from datagen.errors import DatagenError, MissingExtra, OutputError
-from datagen.filter_pool import FilterFailed, FilterPool, Pending, Quota, decide, filter_context
+from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
 from datagen.shards import ShardStore
@@ -239,12 +239,34 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
     return row
 
 
-def _not_done(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[Request]:
+def _not_done(stream: PromptStream, done: set[str], stats: RunStats,
+              skipped_prompts: set[str] | None = None) -> Iterator[Request]:
     for req in stream:
         if req.row_id in done:
             stats.skipped += 1
+            if skipped_prompts is not None:
+                skipped_prompts.add(req.prompt_id)
             continue
         yield req
+
+
+class _Peekable:
+    """An iterator with one request of lookahead (to finish a prompt's samples)."""
+
+    _EMPTY = object()
+
+    def __init__(self, it: Iterator[Request]):
+        self.it, self.head = it, self._EMPTY
+
+    def peek(self) -> Request | None:
+        if self.head is self._EMPTY:
+            self.head = next(self.it, None)
+        return self.head  # type: ignore[return-value]
+
+    def next(self) -> Request | None:
+        head = self.peek()
+        self.head = self._EMPTY
+        return head
 
 
 class _StopFlag:
@@ -373,7 +395,10 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
 
     from datagen.dedupe import row_text
 
-    pending = _not_done(stream, done, stats)
+    grouped = any(type(f).groups_by_prompt for f in job.filters)
+    groups = PromptGroups(store) if grouped else None
+    pending = _Peekable(_not_done(stream, done, stats, groups.skipped if groups else None))
+    last_prompt: str | None = None
     buffers: dict[str, list[Request]] = {name: [] for name in teachers}
     ready_batches: deque[tuple[str, list[Request]]] = deque()
     inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
@@ -392,6 +417,16 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
         if reason:
             stats.reasons[(stream_name, reason)] += 1
         quota.landed(accepted=stream_name == "accepted", tokens=tokens)
+
+    def to_filters(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        row_seeds = [seeds.get((r["provenance"]["seed_ids"] or [None])[0]) for r in rows]
+        try:
+            for judged_batch in filters.submit(Pending(rows, groups.peers(rows) if groups else {}), row_seeds):
+                judged(*judged_batch)
+        except FilterError as exc:  # in-driver filters: the same rule as on actors
+            raise _filter_failed(exc, store) from None
 
     def judged(batch: Pending, verdicts: list[list[dict[str, Any]]]) -> None:
         for row, vs in zip(batch.rows, verdicts):
@@ -418,19 +453,26 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 continue
             if exhausted or len(ready_batches) >= len(actors.load):
                 break  # backpressure: pull no more prompts until a slot frees
-            if not quota.room():
+            finishing_group = (groups is not None and quota.stop_reason() is None
+                               and (nxt := pending.peek()) is not None and nxt.prompt_id == last_prompt)
+            if not quota.room() and not finishing_group:
                 # Enough is in flight for the target (or a budget is spent): send the
                 # partial batches, and pull again only if rows in flight get rejected.
+                # (Grouped filters first get the rest of the current prompt's samples.)
                 ready_batches.extend((n, b) for n, b in buffers.items() if b)
                 buffers = {n: [] for n in teachers}
                 break
-            req = next(pending, None)
+            req = pending.next()
             if req is None:
                 exhausted = True
                 ready_batches.extend((n, b) for n, b in buffers.items() if b)
                 buffers = {n: [] for n in teachers}
                 continue
             quota.pulled()
+            last_prompt = req.prompt_id
+            if groups is not None:
+                nxt = pending.peek()
+                groups.pulled(req.prompt_id, last=nxt is None or nxt.prompt_id != req.prompt_id)
             buffers[req.teacher].append(req)
             if len(buffers[req.teacher]) >= teachers[req.teacher].batch_size:
                 ready_batches.append((req.teacher, buffers[req.teacher]))
@@ -438,6 +480,9 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
         if not inflight and not filters.busy():
             if ready_batches:
                 continue  # partial batches the quota just flushed: send them
+            if groups is not None and groups.held:
+                to_filters(groups.flush())  # groups a budget cut short vote with what they have
+                continue
             stats.stop_reason = quota.stop_reason() or ("prompts_exhausted" if quota.target else None)
             return
         done_refs, _ = ray.wait(list(inflight) + filters.refs(), num_returns=1, timeout=1.0)
@@ -468,6 +513,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 if gen["error"]:
                     consecutive_failures += 1
                     route("failed", row, gen["error"].split(":", 1)[0], 0)
+                    if groups is not None:
+                        good += groups.failed(req.prompt_id)
                     if consecutive_failures >= job.runtime.max_consecutive_failures:
                         raise DatagenError(
                             f"teacher {name!r} failed {consecutive_failures} rows in a row "
@@ -478,14 +525,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 consecutive_failures = 0
                 stats.prompt_tokens += gen["prompt_tokens"] or 0
                 stats.completion_tokens += gen["completion_tokens"] or 0
-                good.append(row)
-            if good:
-                row_seeds = [seeds.get((r["provenance"]["seed_ids"] or [None])[0]) for r in good]
-                try:
-                    for judged_batch in filters.submit(Pending(name, good), row_seeds):
-                        judged(*judged_batch)
-                except FilterError as exc:  # in-driver filters: the same rule as on actors
-                    raise _filter_failed(exc, store) from None
+                good += groups.add(row) if groups is not None else [row]
+            to_filters(good)
         store.commit_due()
         if on_progress:
             on_progress(stats)

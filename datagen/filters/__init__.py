@@ -12,7 +12,8 @@ ran is stored on the row.
 
 Modules: ``heuristics`` (cheap per-row checks), ``schema`` (JSON + JSON Schema / pydantic),
 ``math_answer`` (final answers vs a reference), ``code`` + ``sandbox`` (unit tests in a
-sandboxed subprocess), ``judge`` (a teacher grades with a rubric). Rule packs and verifier assets live in the repo's ``filters/``.
+sandboxed subprocess), ``judge`` (a teacher grades with a rubric), ``consistency``
+(the samples of a prompt vote; the driver sends them as one group). Rule packs and verifier assets live in the repo's ``filters/``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 from datagen.filters.code import CodeSpec
+from datagen.filters.consistency import ConsistencySpec
 from datagen.filters.heuristics import (FormatSpec, LanguageSpec, LengthSpec, NonEmptySpec, NotTruncatedSpec,
                                         RefusalSpec, RepetitionSpec, TemplateLeakSpec)
 from datagen.filters.judge import JudgeSpec
@@ -41,6 +43,7 @@ FILTERS: dict[str, type[FilterSpec]] = {
     "math": MathSpec,
     "code": CodeSpec,
     "judge": JudgeSpec,
+    "self_consistency": ConsistencySpec,
 }
 DEFAULT_FILTERS = ("nonempty", "not_truncated", "format")
 

@@ -77,8 +77,8 @@ class FilterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    # Needs the template's declared answer format (the ``format`` filter does).
-    needs_answer_format: ClassVar[bool] = False
+    # Judges all samples of a prompt together: the driver then sends whole groups.
+    groups_by_prompt: ClassVar[bool] = False
 
     def build(self, answer: Any, context: Context) -> Filter:
         raise NotImplementedError
