@@ -168,3 +168,34 @@ def test_shipped_example_jobs_still_validate():
     for path in sorted((REPO / "examples").glob("*.yaml")):
         job = load_job(path)
         assert job.filters and all(hasattr(f, "build") for f in job.filters)
+
+
+def test_code_answers_verified_in_the_sandbox_from_filter_actors(tmp_path):
+    """The shipped code template and problems: the teacher answers the correct solution
+    for half the problems and the stub for the rest; only the correct ones pass."""
+    from datagen.testing.fake_openai import FakeOpenAIServer
+
+    from .conftest import REPO
+
+    problems = [json.loads(x) for x in (REPO / "filters/code/problems.jsonl").read_text().splitlines()]
+    by_prompt = {p["prompt"]: p for p in problems}
+    good = {p["id"] for p in problems[::2]}
+
+    def answer(messages):
+        p = by_prompt[messages[-1]["content"]]
+        return f"```python\n{p['solution'] if p['id'] in good else p['stub']}```"
+
+    with FakeOpenAIServer(answer=answer) as server:
+        job = write_job(tmp_path, base_url=server.base_url, count=None, batch_size=3,
+                        filters=["nonempty", {"name": "code", "timeout_s": 20}],
+                        runtime={"num_cpus": 2, "filter_actors": 2})
+        data = yaml.safe_load(job.read_text())
+        data["prompts"]["template"] = str(REPO / "prompts" / "code_problems.yaml")
+        job.write_text(yaml.safe_dump(data))
+        res = datagen("run", str(job))
+    assert res.returncode == 0, res.stderr
+    store = ShardStore.open(tmp_path / "out")
+    acc, rej = store.read("accepted").to_pylist(), store.read("rejected").to_pylist()
+    assert {r["provenance"]["seed_ids"][0] for r in acc} == good
+    assert {r["provenance"]["seed_ids"][0] for r in rej} == {p["id"] for p in problems} - good
+    assert set(store.manifest.reasons("rejected")) <= {"code.test_failed", "code.exception"}
