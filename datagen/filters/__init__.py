@@ -79,6 +79,8 @@ class FilterChain:
                  short_circuit: bool = True, context: Context | None = None):
         self.filters: list[Filter] = [spec_of(s).build(answer, context or {}) for s in specs]
         self.short_circuit = short_circuit
+        self._stages: list[tuple[bool, list[Filter]]] | None = None
+        self._current: Filter | None = None
 
     def check_seeds(self, seeds: Sequence[dict[str, Any]], *, id_field: str) -> None:
         for f in self.filters:
@@ -87,22 +89,59 @@ class FilterChain:
     def run(self, rows: Sequence[Row], seeds: Sequence[Seed]) -> list[list[Verdict]]:
         out: list[list[Verdict]] = [[] for _ in rows]
         alive = list(range(len(rows)))
-        for f in self.filters:
+        for batched, stage in self.stages:
             if not alive:
                 break
             try:
-                verdicts = f.check_batch([rows[i] for i in alive], [seeds[i] for i in alive])
+                alive = (self._batch(stage[0], rows, seeds, alive, out) if batched
+                         else self._row_by_row(stage, rows, seeds, alive, out))
             except FilterError:
                 raise
             except Exception as exc:  # a bug or a broken verifier: never a verdict
-                raise FilterError(f"filter {f.name!r} failed: {type(exc).__name__}: {exc}") from exc
-            if len(verdicts) != len(alive):
-                raise FilterError(f"filter {f.name!r} returned {len(verdicts)} verdicts for {len(alive)} rows")
-            for i, v in zip(alive, verdicts):
-                out[i].append(v)
-            if self.short_circuit:
-                alive = [i for i, v in zip(alive, verdicts) if v.keep]
+                raise FilterError(f"filter {self._current.name!r} failed: {type(exc).__name__}: {exc}") from exc
         return out
+
+    @property
+    def stages(self) -> list[tuple[bool, list[Filter]]]:
+        """Consecutive per-row filters fused into one stage (one pass over the rows, no
+        per-filter lists: the heuristics' speed is mostly this loop); a filter with its
+        own ``check_batch`` (concurrent code runs, judge calls, groups) is a stage alone."""
+        if self._stages is None:
+            stages: list[tuple[bool, list[Filter]]] = []
+            for f in self.filters:
+                batched = type(f).check_batch is not Filter.check_batch
+                if batched or not stages or stages[-1][0]:
+                    stages.append((batched, [f]))
+                else:
+                    stages[-1][1].append(f)
+            self._stages = stages
+        return self._stages
+
+    def _row_by_row(self, stage: list[Filter], rows, seeds, alive: list[int], out) -> list[int]:
+        still = []
+        short = self.short_circuit
+        for i in alive:
+            row, seed, verdicts, keep = rows[i], seeds[i], out[i], True
+            for f in stage:
+                self._current = f
+                v = f.check(row, seed)
+                verdicts.append(v)
+                if not v.keep:
+                    keep = False
+                    if short:
+                        break
+            if keep or not short:
+                still.append(i)
+        return still
+
+    def _batch(self, f: Filter, rows, seeds, alive: list[int], out) -> list[int]:
+        self._current = f
+        verdicts = f.check_batch([rows[i] for i in alive], [seeds[i] for i in alive])
+        if len(verdicts) != len(alive):
+            raise FilterError(f"filter {f.name!r} returned {len(verdicts)} verdicts for {len(alive)} rows")
+        for i, v in zip(alive, verdicts):
+            out[i].append(v)
+        return [i for i, v in zip(alive, verdicts) if v.keep] if self.short_circuit else alive
 
     def __call__(self, row: Row, seed: Seed = None) -> list[Verdict]:
         return self.run([row], [seed])[0]

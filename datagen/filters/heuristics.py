@@ -176,7 +176,7 @@ class Repetition(Filter):
         if repeat > self.s.max_ngram_repeat:
             return self.drop("repetition.ngrams", score=repeat,
                              details=f"{repeat:.0%} of {n}-grams repeat an earlier one")
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()] if "\n" in text else ()
         if len(lines) >= 4:
             line_repeat = 1.0 - len(set(lines)) / len(lines)
             if line_repeat > self.s.max_line_repeat:

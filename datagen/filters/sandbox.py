@@ -13,8 +13,8 @@ What each run gets:
 - a wall-clock timeout that SIGKILLs the whole process group;
 - new user, network and PID namespaces where the kernel allows them unprivileged (the
   network namespace has only a downed loopback: no connection goes anywhere, 127.0.0.1
-  included; the candidate is PID 1's child-or-self in the PID namespace, so everything it
-  forks dies with it, setsid()/double-fork included);
+  included; the candidate runs as PID 1 of the new PID namespace, so everything it forks
+  is killed when it exits, setsid() and double forks included);
 - when the host runs as root, a per-run unprivileged uid (random, >= 2**20): host files
   are not writable, RLIMIT_NPROC really applies (root ignores it), and every process
   with that uid is swept away at the end, whatever session it moved to.
