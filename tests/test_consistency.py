@@ -3,6 +3,7 @@ grouping of samples that arrive in different teacher batches, and a real run."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter, defaultdict
 
@@ -97,3 +98,29 @@ def test_self_consistency_in_a_run_with_samples_split_across_batches(tmp_path, v
         assert all(r["verdicts"][0]["score"] == pytest.approx(2 / 3) for r in rows)
     assert store.manifest.reasons("rejected") == {"consistency.minority": 6}
     assert all("#### 41" in r["response"] for r in rej)
+
+
+def test_a_group_cut_by_a_budget_finishes_on_resume_with_the_committed_sample_voting(tmp_path, voting_server):
+    # Run 1 stops after 4 rows: prompt 1's three samples, and one sample of prompt 2
+    # (answer 42), judged alone. The resume makes prompt 2's other two (42 and 41): with
+    # the committed 42 voting, 42 wins 2/3. Without it, 41-vs-42 would tie and the tie
+    # rule (smallest key) would pick 41.
+    job = write_job(tmp_path, base_url=voting_server.base_url, count=4, n=3, batch_size=2,
+                    filters=[{"name": "self_consistency", "answer": "math"}], budget={"max_rows": 4})
+    out = tmp_path / "out"
+    res = datagen("run", str(job))
+    assert res.returncode == 0 and "max_rows" in res.stdout, res.stderr
+    meta = json.loads((out / "datagen-job.json").read_text())
+    meta["job"]["budget"] = {"max_rows": None, "max_tokens": None}
+    (out / "datagen-job.json").write_text(json.dumps(meta))
+    res = datagen("resume", str(out))
+    assert res.returncode == 0, res.stderr
+    store = ShardStore.open(out)
+    rows = store.read("accepted").to_pylist() + store.read("rejected").to_pylist()
+    assert {r["row_id"] for r in rows} == expected_ids(job) and len(rows) == 12
+    by_prompt = defaultdict(list)
+    for r in rows:
+        by_prompt[r["prompt_id"]].append(r)
+    for group in by_prompt.values():
+        assert sorted(r["verdicts"][0]["keep"] for r in group) == [False, True, True]
+        assert all("#### 41" in r["response"] for r in group if not r["verdicts"][0]["keep"])
