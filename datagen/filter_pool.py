@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.errors import DatagenError
-from datagen.filters import FilterChain, Verdict
+from datagen.filters import FilterChain
 
 ACTOR_MAX_RESTARTS = 3
 # What a filter may read from a row; the rest (logprobs) stays in the driver.
@@ -258,5 +258,5 @@ def _committed_tokens(store: Any) -> int:
     return total
 
 
-__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups", "Quota", "Verdict", "decide", "filter_context",
-           "view"]
+__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups", "Quota", "decide",
+           "filter_context", "view"]

@@ -64,7 +64,8 @@ def test_unknown_filter_and_bad_params_are_refused():
     ("refusal", "As an AI language model, I cannot browse.", "refusal.detected"),
     ("refusal", "I cannot provide that information.", "refusal.detected"),
     ("language", "Это ответ на русском языке, а не на английском.", "language.wrong_script"),
-    ("language", "Le chat est sur la table et il dort dans le soleil avec les enfants.", "language.unexpected"),
+    ("language", "Le chat est sur la table et il dort dans le soleil avec les enfants.",
+     "language.unexpected"),
     ("template_leak", "The answer is 4.<|im_end|>", "template.leak"),
     ("template_leak", "Dear {{ customer_name }}, thanks", "template.leak"),
 ])

@@ -110,7 +110,8 @@ def test_no_network_connection_leaves_the_sandbox():
 
 
 def test_printing_a_fake_success_marker_and_exiting_0_fails():
-    code = ("import json, os\nprint('PASS', flush=True)\nprint(json.dumps({'passed': True, 'reason': 'ok'}), flush=True)\n"
+    code = ("import json, os\nprint('PASS', flush=True)\n"
+            "print(json.dumps({'passed': True, 'reason': 'ok'}), flush=True)\n"
             "open('.result.json', 'w').write('{\"passed\": true}')\nos._exit(0)\n")
     res = run(code, "assert False")
     assert (res.passed, res.reason) == (False, "code.no_result")
@@ -138,7 +139,8 @@ def test_a_grandchild_that_outlives_its_parent_is_killed(tmp_path):
 
 
 def test_100_mb_of_output_is_capped():
-    code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(100):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n"
+    code = ("import sys\nchunk = 'x' * (1 << 20)\n"
+            "for _ in range(100):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n")
     res = run(code)
     assert (res.passed, res.reason) == (False, "code.output_limit")
     assert len(res.stdout_tail) <= 2000

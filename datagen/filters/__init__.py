@@ -13,7 +13,8 @@ ran is stored on the row.
 Modules: ``heuristics`` (cheap per-row checks), ``schema`` (JSON + JSON Schema / pydantic),
 ``math_answer`` (final answers vs a reference), ``code`` + ``sandbox`` (unit tests in a
 sandboxed subprocess), ``judge`` (a teacher grades with a rubric), ``consistency``
-(the samples of a prompt vote; the driver sends them as one group). Rule packs and verifier assets live in the repo's ``filters/``.
+(the samples of a prompt vote; the driver sends them as one group). Rule packs and
+verifier assets live in the repo's ``filters/``.
 """
 
 from __future__ import annotations

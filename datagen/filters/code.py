@@ -45,7 +45,9 @@ class CodeSpec(FilterSpec):
     memory_mb: int = Field(1024, ge=64, le=65536, description="address space per process")
     processes: int = Field(64, ge=1, le=4096)
     file_mb: int = Field(16, ge=1, le=4096, description="largest file (stdout included)")
-    concurrency: int = Field(8, ge=1, le=64, description="programs run at once per filter worker (subprocesses: threads only wait)")
+    concurrency: int = Field(
+        8, ge=1, le=64, description="programs run at once per filter worker (subprocesses: threads only wait)"
+    )
 
     def build(self, answer: Any, context: Context) -> Filter:
         return CodeExec(self)
