@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      WrapSerializer, field_validator, model_validator)
 
 from datagen.errors import ConfigError
+from datagen.filters import DEFAULT_FILTERS, FILTERS, FilterSpec
 from datagen.licenses import Terms
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -318,6 +319,10 @@ class Runtime(Strict):
     )
     ray_address: str | None = Field(None, description="join this cluster; default $RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
+    filter_actors: int = Field(
+        1, ge=0, le=256, description="Ray actors running the filters beside generation; 0 runs them in the driver"
+    )
+    filter_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves per filter actor")
 
 
 class Dedupe(Strict):
@@ -342,7 +347,36 @@ class Dedupe(Strict):
     actors: int = Field(2, ge=1, le=256, description="index actors for streaming mode (bands are split over them)")
 
 
-FILTER_NAMES = ("nonempty", "not_truncated", "format")
+FILTER_NAMES = tuple(FILTERS)
+
+
+def _filter_entry(value: Any) -> Any:
+    """A bare name is the filter with its default params; an unknown name is named as such."""
+    if isinstance(value, FilterSpec):
+        return value
+    name = value if isinstance(value, str) else value.get("name") if isinstance(value, dict) else None
+    if name not in FILTERS:
+        raise ValueError(f"unknown filter (known: {', '.join(FILTERS)})")
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _dump_filter(spec: FilterSpec, handler: Any) -> Any:
+    # Params all left at their defaults dump as the bare name: old job files, and the run
+    # fingerprints computed from them, stay the same.
+    return spec.name if spec.model_fields_set <= {"name"} else handler(spec)
+
+
+FilterEntry = Annotated[
+    Union[tuple(FILTERS.values())], Field(discriminator="name"),  # type: ignore[valid-type]
+    BeforeValidator(_filter_entry), WrapSerializer(_dump_filter),
+]
+
+
+class Budget(Strict):
+    """Limits for ``target_accepted``: whichever is reached first stops the run."""
+
+    max_rows: int | None = Field(None, ge=1, description="rows generated in the output, all streams")
+    max_tokens: int | None = Field(None, ge=1, description="prompt + completion tokens in the output")
 
 
 class Job(Strict):
@@ -350,9 +384,15 @@ class Job(Strict):
     seed: int = 0
     prompts: Prompts
     teachers: list[Teacher] = Field(min_length=1)
-    filters: list[Literal["nonempty", "not_truncated", "format"]] = Field(
-        default_factory=lambda: list(FILTER_NAMES)
+    filters: list[FilterEntry] = Field(
+        default_factory=lambda: [FILTERS[n](name=n) for n in DEFAULT_FILTERS],
+        description="filters in the order they run: a name, or {name: ..., params}",
     )
+    filter_short_circuit: bool = Field(True, description="a row stops at its first drop")
+    target_accepted: int | None = Field(
+        None, ge=1, description="stop once this many rows are accepted (or a budget is reached)"
+    )
+    budget: Budget = Field(default_factory=Budget)
     output: Output
     runtime: Runtime = Field(default_factory=Runtime)
     dedupe: Dedupe = Field(default_factory=Dedupe)
@@ -378,7 +418,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in BACKENDS and i > 0 and isinstance(loc[i - 1], int):
+        elif (part in BACKENDS or part in FILTERS) and i > 0 and isinstance(loc[i - 1], int):
             continue  # the discriminated union's tag is noise in a path the user reads
         else:
             out += ("." if out else "") + str(part)

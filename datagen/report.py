@@ -64,6 +64,8 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
             t.add_row(f"  {reason}", str(stats.reasons[(stream, reason)]), str(n))
     if stats.unique is not None:
         t.add_row("unique (dedupe view)", "", str(stats.unique))
+    if stats.stop_reason:  # target_accepted, a budget, or prompts that ran out before the target
+        t.add_row("stopped by", stats.stop_reason, "")
     secs = max(stats.generating_s, 1e-9)
     t.add_row("prompt tokens", str(stats.prompt_tokens), "")
     t.add_row("completion tokens", str(stats.completion_tokens), "")

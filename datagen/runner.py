@@ -27,7 +27,8 @@ from typing import Any
 from datagen import licenses, records
 from datagen.config import Job, Price
 from datagen.errors import DatagenError, MissingExtra, OutputError
-from datagen.filters import FilterChain
+from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
+from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
 from datagen.shards import ShardStore
 
@@ -47,6 +48,7 @@ class RunStats:
     cost_usd: float | None = None  # None: no priced teacher answered
     interrupted: bool = False
     unique: int | None = None  # accepted rows left after streaming dedupe, when it ran
+    stop_reason: str | None = None  # why generation stopped early: target_accepted, max_rows, ...
 
     @property
     def generated(self) -> int:
@@ -68,13 +70,18 @@ class RunStats:
 
 def run_fingerprint(job: Job, stream_hash: str) -> str:
     """Same job content + same prompts -> same fingerprint (output path and runtime excluded)."""
-    body = job.model_dump(mode="json", exclude={"output": {"path"}, "runtime": True})
+    body = job.model_dump(mode="json", exclude={"output": {"path"}, "runtime": True,
+                                                "target_accepted": True, "budget": True})
     # Paths out: the files' contents are in the stream hash, so a moved job still resumes.
     body["prompts"].pop("template")
     if body["prompts"].get("seeds"):
         body["prompts"]["seeds"].pop("path")
     for ev in (body["prompts"].get("decontaminate") or {}).get("evals", []):
         ev.pop("path")
+    # How many rows to make is not what a row is: a target or budget may change between
+    # a run and its resume. New fields at their defaults stay out, so old outputs resume.
+    if body.get("filter_short_circuit") is True:
+        body.pop("filter_short_circuit")
     return records.content_hash({"job": body, "prompts": stream_hash})
 
 
@@ -104,6 +111,10 @@ def prepare(job: Job) -> tuple[PromptStream, str]:
     fp = run_fingerprint(job, _stream_hash(provisional))
     provisional.run_fingerprint = fp
     licenses.resolve_job(job, template=provisional.template)
+    # Filters that judge against the seed (a reference answer, unit tests) refuse seeds
+    # without it now, before a token is paid for.
+    FilterChain(job.filters, provisional.template.spec.answer, context=filter_context(job)).check_seeds(
+        provisional.seeds, id_field=provisional.template.spec.seeds.id_field)
     for t in job.teachers:
         if getattr(t, "api_key_env", None) and not os.environ.get(t.api_key_env):
             raise DatagenError(
@@ -280,12 +291,34 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
     return row
 
 
-def _not_done(stream: PromptStream, done: set[str], stats: RunStats) -> Iterator[Request]:
+def _not_done(stream: PromptStream, done: set[str], stats: RunStats,
+              skipped_prompts: set[str] | None = None) -> Iterator[Request]:
     for req in stream:
         if req.row_id in done:
             stats.skipped += 1
+            if skipped_prompts is not None:
+                skipped_prompts.add(req.prompt_id)
             continue
         yield req
+
+
+class _Peekable:
+    """An iterator with one request of lookahead (to finish a prompt's samples)."""
+
+    _EMPTY = object()
+
+    def __init__(self, it: Iterator[Request]):
+        self.it, self.head = it, self._EMPTY
+
+    def peek(self) -> Request | None:
+        if self.head is self._EMPTY:
+            self.head = next(self.it, None)
+        return self.head  # type: ignore[return-value]
+
+    def next(self) -> Request | None:
+        head = self.peek()
+        self.head = self._EMPTY
+        return head
 
 
 class _StopFlag:
@@ -323,8 +356,8 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
     stats = RunStats(total=len(stream))
     done = store.row_ids(("accepted", "rejected"))
     teachers = {t.name: t for t in job.teachers}
-    chain = FilterChain(job.filters, stream.template.spec.answer)
     spec = stream.template.spec
+    quota = Quota(job, store)
     teacher_terms = licenses.resolve_job(job, template=stream.template)
     row_licenses = {name: {"teacher": lid, "seed": spec.seeds.license, "template": spec.license}
                     for name, lid in teacher_terms.items()}
@@ -335,12 +368,13 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
             if started_ray:
                 _check_resources(job)
             actors = _Actors(job)
+            filters = FilterPool(job, spec.answer, slots=job.runtime.inflight_per_actor)
             dedup = _start_dedupe(job, store) if job.dedupe.streaming else None
             if on_progress:
                 on_progress(stats)
             if actors.wait_started(job.runtime.startup_timeout_s, lambda: stop.set):
                 stats.teachers_ready = time.monotonic()
-                _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop,
+                _drive(job, store, stream, done, stats, actors, teachers, filters, quota, row_licenses, stop,
                        on_progress, dedup)
             stats.interrupted = stop.set
             # Rows already received are complete: commit them. In-flight batches are not
@@ -400,14 +434,26 @@ def _commit_quietly(store: ShardStore) -> None:
         pass
 
 
-def _drive(job, store, stream, done, stats, actors, teachers, chain, row_licenses, stop, on_progress,
-           dedup=None) -> None:
-    """The loop: fill free actor slots, wait for one batch, route its rows, commit when due."""
+def _filter_failed(exc: Exception, store: ShardStore) -> DatagenError:
+    # Infrastructure, not data: the rows waiting for this verdict are neither dropped nor
+    # kept; they are not committed, and resume regenerates them under the same ids.
+    return DatagenError(f"a filter failed, so no verdict was given ({exc}); nothing was dropped or kept for "
+                        f"it, committed rows are intact: fix it, then `datagen resume {store.root}`")
+
+
+def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, row_licenses, stop,
+           on_progress, dedup=None) -> None:
+    """The loop: fill free actor slots, wait for a teacher batch or a filter batch, route
+    rows, commit when due. Failed rows are routed at once; the rest go to the filters and
+    are routed when their verdicts come back, so verifying never holds up generating."""
     import ray
 
     from datagen.dedupe import row_text
 
-    pending = _not_done(stream, done, stats)
+    grouped = any(type(f).groups_by_prompt for f in job.filters)
+    groups = PromptGroups(store) if grouped else None
+    pending = _Peekable(_not_done(stream, done, stats, groups.skipped if groups else None))
+    last_prompt: str | None = None
     buffers: dict[str, list[Request]] = {name: [] for name in teachers}
     ready_batches: deque[tuple[str, list[Request]]] = deque()
     inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
@@ -416,13 +462,42 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
     limit = job.runtime.inflight_per_actor
     sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
                 for name, t in teachers.items()}
+    seeds = {str(s[stream.template.spec.seeds.id_field]): s for s in stream.seeds}
+
+    def route(stream_name: str, row: dict[str, Any], reason: str | None, tokens: int) -> None:
+        store.add(stream_name, row)
+        if dedup is not None and stream_name == "accepted":
+            dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
+        stats.counts[stream_name] += 1
+        if reason:
+            stats.reasons[(stream_name, reason)] += 1
+        quota.landed(accepted=stream_name == "accepted", tokens=tokens)
+
+    def to_filters(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        row_seeds = [seeds.get((r["provenance"]["seed_ids"] or [None])[0]) for r in rows]
+        try:
+            for judged_batch in filters.submit(Pending(rows, groups.peers(rows) if groups else {}), row_seeds):
+                judged(*judged_batch)
+        except FilterError as exc:  # in-driver filters: the same rule as on actors
+            raise _filter_failed(exc, store) from None
+
+    def judged(batch: Pending, verdicts: list[list[dict[str, Any]]]) -> None:
+        for row, vs in zip(batch.rows, verdicts):
+            row["verdicts"] = vs
+            keep, reason = decide(vs)
+            usage = row["usage"]
+            route("accepted" if keep else "rejected", row, reason,
+                  (usage["prompt_tokens"] or 0) + (usage["completion_tokens"] or 0))
+
     while not stop.set:
         while True:
             # The first ready batch whose teacher has a free actor (one busy teacher
             # must not hold up another's batches).
             pick = next(((i, a) for i, (n, _) in enumerate(ready_batches)
                          if (a := actors.free(n, limit)) is not None), None)
-            if pick is not None:
+            if pick is not None and not filters.saturated():
                 i, actor = pick
                 name, batch = ready_batches[i]
                 del ready_batches[i]
@@ -433,20 +508,46 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
                 continue
             if exhausted or len(ready_batches) >= len(actors.load):
                 break  # backpressure: pull no more prompts until a slot frees
-            req = next(pending, None)
+            finishing_group = (groups is not None and quota.stop_reason() is None
+                               and (nxt := pending.peek()) is not None and nxt.prompt_id == last_prompt)
+            if not quota.room() and not finishing_group:
+                # Enough is in flight for the target (or a budget is spent): send the
+                # partial batches, and pull again only if rows in flight get rejected.
+                # (Grouped filters first get the rest of the current prompt's samples.)
+                ready_batches.extend((n, b) for n, b in buffers.items() if b)
+                buffers = {n: [] for n in teachers}
+                break
+            req = pending.next()
             if req is None:
                 exhausted = True
                 ready_batches.extend((n, b) for n, b in buffers.items() if b)
                 buffers = {n: [] for n in teachers}
                 continue
+            quota.pulled()
+            last_prompt = req.prompt_id
+            if groups is not None:
+                nxt = pending.peek()
+                groups.pulled(req.prompt_id, last=nxt is None or nxt.prompt_id != req.prompt_id)
             buffers[req.teacher].append(req)
             if len(buffers[req.teacher]) >= teachers[req.teacher].batch_size:
                 ready_batches.append((req.teacher, buffers[req.teacher]))
                 buffers[req.teacher] = []
-        if not inflight:
+        if not inflight and not filters.busy():
+            if ready_batches:
+                continue  # partial batches the quota just flushed: send them
+            if groups is not None and groups.held:
+                to_filters(groups.flush())  # groups a budget cut short vote with what they have
+                continue
+            stats.stop_reason = quota.stop_reason() or ("prompts_exhausted" if quota.target else None)
             return
-        done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        done_refs, _ = ray.wait(list(inflight) + filters.refs(), num_returns=1, timeout=1.0)
         for ref in done_refs:
+            if ref not in inflight:
+                try:
+                    judged(*filters.done(ref))
+                except FilterFailed as exc:
+                    raise _filter_failed(exc, store) from None
+                continue
             actor, name, batch = inflight.pop(ref)
             actors.load[actor] -= 1
             try:
@@ -461,35 +562,29 @@ def _drive(job, store, stream, done, stats, actors, teachers, chain, row_license
                     f"teacher {name!r} raised {_cause(exc)}; committed rows are intact, "
                     f"`datagen resume {store.root}` continues"
                 ) from None
+            good: list[dict[str, Any]] = []
             for req, gen in zip(batch, gens):
                 row = make_row(req, gen, actors.info[name], sampling[name], row_licenses[name],
                                price=teachers[name].price)
                 if gen["error"]:
-                    stream_name, reason = "failed", gen["error"].split(":", 1)[0]
                     consecutive_failures += 1
-                else:
-                    consecutive_failures = 0
-                    verdicts = chain(row)
-                    row["verdicts"] = [v.to_dict() for v in verdicts]
-                    keep = verdicts[-1].keep if verdicts else True
-                    stream_name = "accepted" if keep else "rejected"
-                    reason = None if keep else verdicts[-1].reason
-                    stats.prompt_tokens += gen["prompt_tokens"] or 0
-                    stats.completion_tokens += gen["completion_tokens"] or 0
-                    if row["usage"]["cost_usd"] is not None:
-                        stats.cost_usd = (stats.cost_usd or 0.0) + row["usage"]["cost_usd"]
-                store.add(stream_name, row)
-                if dedup is not None and stream_name == "accepted":
-                    dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
-                stats.counts[stream_name] += 1
-                if reason:
-                    stats.reasons[(stream_name, reason)] += 1
-                if consecutive_failures >= job.runtime.max_consecutive_failures:
-                    raise DatagenError(
-                        f"teacher {name!r} failed {consecutive_failures} rows in a row "
-                        f"(last: {gen['error'][:200]}); committed rows are intact: fix the "
-                        f"teacher, then `datagen resume {store.root}`"
-                    )
+                    route("failed", row, gen["error"].split(":", 1)[0], 0)
+                    if groups is not None:
+                        good += groups.failed(req.prompt_id)
+                    if consecutive_failures >= job.runtime.max_consecutive_failures:
+                        raise DatagenError(
+                            f"teacher {name!r} failed {consecutive_failures} rows in a row "
+                            f"(last: {gen['error'][:200]}); committed rows are intact: fix the "
+                            f"teacher, then `datagen resume {store.root}`"
+                        )
+                    continue
+                consecutive_failures = 0
+                stats.prompt_tokens += gen["prompt_tokens"] or 0
+                stats.completion_tokens += gen["completion_tokens"] or 0
+                if row["usage"]["cost_usd"] is not None:
+                    stats.cost_usd = (stats.cost_usd or 0.0) + row["usage"]["cost_usd"]
+                good += groups.add(row) if groups is not None else [row]
+            to_filters(good)
         store.commit_due()
         if on_progress:
             on_progress(stats)

@@ -1,0 +1,262 @@
+"""Filters beside generation: a small pool of CPU Ray actors that judge rows while the
+teachers keep generating, and the budget that says when "enough" rows passed.
+
+The driver stays the one committer: it sends each teacher batch's rows to a filter actor
+and routes them (accepted / rejected) when the verdicts come back. A row waiting for its
+verdict is not committed; if the run stops first, resume regenerates it under the same
+id, so exact-once holds. ``runtime.filter_actors: 0`` runs the chain in the driver
+instead (no Ray round trip; a slow verifier then stalls generation).
+
+Only the fields filters read travel to the actors, not the KD logprob arrays.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from datagen.errors import DatagenError
+from datagen.filters import FilterChain
+
+ACTOR_MAX_RESTARTS = 3
+# What a filter may read from a row; the rest (logprobs) stays in the driver.
+VIEW_FIELDS = ("row_id", "prompt_id", "sample_index", "messages", "response", "finish_reason", "teacher",
+               "sampling", "usage")
+
+
+def view(row: dict[str, Any], peers: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    v = {k: row[k] for k in VIEW_FIELDS}
+    if peers and row["prompt_id"] in peers:
+        v["peer_responses"] = peers[row["prompt_id"]]  # earlier runs' samples of this prompt
+    return v
+
+
+def filter_context(job: Any) -> dict[str, Any]:
+    """What filters may see of the job besides their params: the teachers' configs (env-var
+    names of keys, never keys), for a judge."""
+    return {"teachers": {t.name: t.model_dump(mode="json") for t in job.teachers}}
+
+
+class FilterWorker:
+    """Hosts the job's filter chain in a Ray actor (or in the driver)."""
+
+    def __init__(self, specs: list[Any], answer: dict[str, Any], short_circuit: bool, context: dict[str, Any]):
+        from datagen.prompts import AnswerFormat
+
+        self.chain = FilterChain(specs, AnswerFormat.model_validate(answer), short_circuit=short_circuit,
+                                 context=context)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, rows: list[dict[str, Any]], seeds: list[dict[str, Any] | None]) -> list[list[dict[str, Any]]]:
+        return [[v.to_dict() for v in vs] for vs in self.chain.run(rows, seeds)]
+
+
+@dataclass
+class Pending:
+    """Rows handed to the filters, waiting for verdicts."""
+
+    rows: list[dict[str, Any]]
+    peers: dict[str, list[str]] = field(default_factory=dict)  # prompt_id -> committed samples' answers
+
+
+class PromptGroups:
+    """For filters that judge a prompt's samples together (self-consistency): holds each
+    row until every sample of its prompt pulled this run is back (failed ones excepted),
+    then releases the group whole. A prompt's requests are consecutive in the stream, so
+    its group is closed once the next request pulled is another prompt's."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.expected: Counter = Counter()
+        self.closed: set[str] = set()  # every sample of these prompts has been pulled
+        self.held: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.skipped: set[str] = set()  # prompts with samples committed by an earlier run
+        self._peers: dict[str, list[str]] | None = None
+
+    def pulled(self, prompt_id: str, *, last: bool) -> None:
+        self.expected[prompt_id] += 1
+        if last:
+            self.closed.add(prompt_id)
+
+    def add(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        self.held[row["prompt_id"]].append(row)
+        return self._release(row["prompt_id"])
+
+    def failed(self, prompt_id: str) -> list[dict[str, Any]]:
+        self.expected[prompt_id] -= 1
+        return self._release(prompt_id)
+
+    def _release(self, prompt_id: str) -> list[dict[str, Any]]:
+        if prompt_id not in self.closed or len(self.held.get(prompt_id, ())) < self.expected[prompt_id]:
+            return []
+        self.closed.discard(prompt_id)
+        del self.expected[prompt_id]
+        return self.held.pop(prompt_id, [])
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Every partial group (the prompt stream or a budget ended mid-prompt)."""
+        rows = [r for group in self.held.values() for r in group]
+        self.held.clear()
+        self.expected.clear()
+        self.closed.clear()
+        return rows
+
+    def peers(self, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+        wanted = {r["prompt_id"] for r in rows} & self.skipped
+        if not wanted:
+            return {}
+        if self._peers is None:  # once per run, and only when a resumed prompt needs it
+            self._peers = defaultdict(list)
+            for stream in ("accepted", "rejected"):
+                t = self.store.read(stream, columns=["prompt_id", "response"])
+                for pid, text in zip(t.column("prompt_id").to_pylist(), t.column("response").to_pylist()):
+                    if pid in self.skipped:
+                        self._peers[pid].append(text)
+        return {pid: self._peers.get(pid, []) for pid in wanted}
+
+
+class FilterPool:
+    """``submit`` a batch, then ``done`` the refs ``ray.wait`` returned. Each actor holds
+    at most ``slots`` batches; more wait in the driver's queue (``backlog`` rows), and the
+    driver stops handing out teacher work while the backlog is over ``max_backlog``."""
+
+    def __init__(self, job: Any, answer: Any, *, slots: int = 2):
+        specs = [s.model_dump(mode="json") for s in job.filters]
+        answer_json = answer.model_dump(mode="json")
+        context = filter_context(job)
+        self.actors: list[Any] = []
+        self.load: dict[Any, int] = {}
+        self.slots = slots
+        self.inflight: dict[Any, tuple[Any, Pending]] = {}
+        self.queue: deque[tuple[Pending, list[Any]]] = deque()
+        self.local: FilterWorker | None = None
+        n = job.runtime.filter_actors
+        if n == 0:
+            self.local = FilterWorker(specs, answer_json, job.filter_short_circuit, context)
+            return
+        import ray
+
+        remote = ray.remote(FilterWorker).options(
+            num_cpus=job.runtime.filter_num_cpus, max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=ACTOR_MAX_RESTARTS)
+        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit, context) for _ in range(n)]
+        self.load = {a: 0 for a in self.actors}
+        self.max_backlog = n * slots * 4
+
+    def refs(self) -> list[Any]:
+        return list(self.inflight)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.queue)
+
+    def busy(self) -> bool:
+        return bool(self.inflight or self.queue)
+
+    def saturated(self) -> bool:
+        return self.local is None and len(self.queue) > self.max_backlog
+
+    def submit(self, pending: Pending, seeds: list[Any]) -> list[tuple[Pending, list[list[dict[str, Any]]]]]:
+        """Queue a batch. In-driver mode judges it now and returns ``[(pending, verdicts)]``."""
+        if self.local is not None:
+            return [(pending, self.local.run([view(r, pending.peers) for r in pending.rows], seeds))]
+        self.queue.append((pending, seeds))
+        self._dispatch()
+        return []
+
+    def _dispatch(self) -> None:
+        while self.queue:
+            actor = min(self.actors, key=lambda a: self.load[a])
+            if self.load[actor] >= self.slots:
+                return
+            pending, seeds = self.queue.popleft()
+            ref = actor.run.remote([view(r, pending.peers) for r in pending.rows], seeds)
+            self.load[actor] += 1
+            self.inflight[ref] = (actor, pending)
+
+    def done(self, ref: Any) -> tuple[Pending, list[list[dict[str, Any]]]]:
+        """The verdicts of a finished batch; a filter that raised stops the run."""
+        import ray
+
+        actor, pending = self.inflight.pop(ref)
+        self.load[actor] -= 1
+        try:
+            verdicts = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise FilterFailed(_cause(exc)) from None
+        self._dispatch()
+        return pending, verdicts
+
+
+class FilterFailed(DatagenError):
+    """A filter (not the data) failed: the run stops; nothing is dropped or kept for it."""
+
+
+def _cause(exc: BaseException) -> str:
+    from datagen.runner import _cause as last_error_line
+
+    return last_error_line(exc)
+
+
+def decide(verdicts: list[dict[str, Any]]) -> tuple[bool, str | None]:
+    """(keep, reason): kept when every verdict keeps; the reason is the first drop's."""
+    for v in verdicts:
+        if not v["keep"]:
+            return False, v["reason"]
+    return True, None
+
+
+class Quota:
+    """``target_accepted`` and ``budget``, counted over the whole output so a resume
+    carries on where the last run stopped. The driver asks ``room()`` before it pulls a
+    prompt, and pulls none once ``stop_reason()`` says why."""
+
+    def __init__(self, job: Any, store: Any):
+        counts = store.manifest.counts()
+        self.target = job.target_accepted
+        self.max_rows, self.max_tokens = job.budget.max_rows, job.budget.max_tokens
+        self.accepted = counts["accepted"]
+        self.rows = counts["accepted"] + counts["rejected"] + store.unresolved_failures()
+        self.tokens = _committed_tokens(store) if self.max_tokens else 0
+        self.inflight = 0  # rows pulled from the prompt stream and not yet routed
+
+    def pulled(self) -> None:
+        self.inflight += 1
+        self.rows += 1
+
+    def landed(self, *, accepted: bool, tokens: int) -> None:
+        self.inflight -= 1
+        self.accepted += accepted
+        self.tokens += tokens
+
+    def stop_reason(self) -> str | None:
+        if self.target is not None and self.accepted >= self.target:
+            return "target_accepted"
+        if self.max_rows is not None and self.rows >= self.max_rows:
+            return "max_rows"
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            return "max_tokens"
+        return None
+
+    def room(self) -> bool:
+        """May one more prompt be pulled? With a target, only while the rows in flight
+        could still be needed: a full pipeline must not overshoot N by its whole depth."""
+        if self.stop_reason() is not None:
+            return False
+        return self.target is None or self.accepted + self.inflight < self.target
+
+
+def _committed_tokens(store: Any) -> int:
+    total = 0
+    for stream in ("accepted", "rejected", "failed"):
+        for usage in store.read(stream, columns=["usage"]).column("usage").to_pylist():
+            if usage:
+                total += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+    return total
+
+
+__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups", "Quota", "decide",
+           "filter_context", "view"]
