@@ -43,8 +43,9 @@ def kd_row(i: int, rng: random.Random) -> dict:
         token_ids=[rng.randrange(49152) for _ in range(n)],
         token_logprobs_q=records.quantize_logprobs([-rng.random() for _ in range(n)]),
         top_ids=[[rng.randrange(49152) for _ in range(k)] for _ in range(n)],
-        top_logprobs_q=records.quantize_logprobs(
-            [sorted((-5 * rng.random() for _ in range(k)), reverse=True) for _ in range(n)]),
+        top_logprobs_q=records.encode_top(
+            [[0] * k for _ in range(n)],
+            [sorted((-5 * rng.random() for _ in range(k)), reverse=True) for _ in range(n)])[1],
         license={"teacher": "Apache-2.0", "seed": "Apache-2.0", "template": "Apache-2.0"},
     )
     return r

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -89,7 +90,8 @@ def bare(args, job_path: Path) -> tuple[float, int, list]:
     finally:
         teacher.close()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    floats = [lp.logprob for o in outs for pos in o.outputs[0].logprobs for lp in pos.values()]
+    floats = [lp.logprob for o in outs for pos in o.outputs[0].logprobs for lp in pos.values()
+              if math.isfinite(lp.logprob)]  # -inf (impossible tokens) saturate by design
     return secs, tokens, floats
 
 

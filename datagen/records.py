@@ -81,7 +81,7 @@ SCHEMA = pa.schema(
         # Teacher signal for KD. One entry per generated token; null when the backend
         # gives no logprobs. top_ids[i] / top_logprobs_q[i] are the teacher's top-k at
         # position i, most likely first (the sampled token may or may not be among them).
-        # Log-probs are stored quantised (see ``quantize_logprobs``): uint16 centi-nats.
+        # Log-probs are stored quantised (``quantize_logprobs``, ``encode_top``/``decode_top``).
         pa.field("token_ids", pa.list_(pa.int32())),
         pa.field("token_logprobs_q", pa.list_(pa.uint16())),
         pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
@@ -172,42 +172,71 @@ def row_id(*, messages: list[dict[str, str]], teacher: dict[str, Any], sampling:
 # --------------------------------------------------------------------------- logprobs
 #
 # KD needs the teacher's top-k log-probs per generated token: at k = 20 that is 20 ids and
-# 20 log-probs per token, the bulk of a KD dataset. float32 costs ~92 bytes per token on
-# disk after zstd (measured on SmolLM2 output); fixed-point uint16 of -logprob in steps
-# of 0.01 costs ~43 with the ids, and its error is at most 0.005 nats everywhere. float16
-# would be as small but its step grows with magnitude (0.016 below -32), and KD weights
-# every top-k entry, so we prefer a uniform error. Values below -655.35 saturate at
-# 65535: a probability under e^-655 is zero for any loss.
+# 20 log-probs per token, the bulk of a KD dataset. Measured on SmolLM2 output after zstd
+# (benchmarks/bench_vllm.py, descriptive answers): float32 log-probs cost ~48 bytes per
+# token, fixed-point uint16 ~28, and the same codes delta-coded along the top-k ~20; the
+# ids cost ~36 whatever we tried. So log-probs are stored as uint16 codes of -logprob in
+# steps of 1/64 nat (error <= 0.0078 everywhere, under the 0.01 KD needs; float16's step
+# grows to 0.016 below -32), and a position's top-k codes as deltas from the previous
+# rank (the list is most likely first, so codes only grow and deltas are small). Values
+# below -1024 saturate: a probability under e^-1024 is zero for any loss.
 
-LOGPROB_SCALE = 100  # stored q = round(-logprob * LOGPROB_SCALE); logprob = -q / LOGPROB_SCALE
+LOGPROB_SCALE = 64  # code q = round(-logprob * LOGPROB_SCALE); logprob = -q / LOGPROB_SCALE
 LOGPROB_Q_MAX = 65535
 
 
-def quantize_logprobs(values: Any) -> Any:
-    """Log-probs (a list, or a list of lists) -> the stored uint16 codes; ``None`` stays None.
-
-    ``-inf`` (a token the sampler could never pick) saturates like any value below the range.
-    """
+def quantize_logprobs(values: list[float] | None) -> list[int] | None:
+    """Log-probs (one per token) -> uint16 codes; ``-inf``/NaN saturate; None stays None."""
     if values is None:
         return None
     import numpy as np
 
-    if values and isinstance(values[0], (list, tuple)):
-        return [quantize_logprobs(v) for v in values]
     q = np.rint(-np.asarray(values, dtype=np.float64) * LOGPROB_SCALE)
-    return np.clip(np.nan_to_num(q, posinf=LOGPROB_Q_MAX), 0, LOGPROB_Q_MAX).astype(np.uint16).tolist()
+    return np.clip(np.nan_to_num(q, nan=LOGPROB_Q_MAX, posinf=LOGPROB_Q_MAX), 0, LOGPROB_Q_MAX) \
+        .astype(np.uint16).tolist()
 
 
 def dequantize_logprobs(q: Any) -> Any:
-    """Stored codes -> float32 log-probs, as a numpy array of the same (rectangular) shape.
-
-    Accepts a list, a list of lists (one row's ``top_logprobs_q``) or a numpy array.
-    """
+    """Codes (a list or array, any shape) -> float32 log-probs as a numpy array."""
     import numpy as np
 
     if q is None:
         return None
     return np.asarray(q, dtype=np.float32) * np.float32(-1.0 / LOGPROB_SCALE)
+
+
+def encode_top(ids: list[list[int]] | None, logprobs: list[list[float]] | None
+               ) -> tuple[list[list[int]] | None, list[list[int]] | None]:
+    """A row's top-k (ids and log-probs per position) -> stored ``top_ids``, ``top_logprobs_q``.
+
+    Each position is put most-likely-first (backends already send it so; a stable sort
+    keeps their order for ties), then its codes are delta-coded: ``[q0, q1-q0, ...]``.
+    """
+    if ids is None or logprobs is None:
+        return None, None
+    import numpy as np
+
+    out_ids, out_q = [], []
+    for pos_ids, pos_lps in zip(ids, logprobs):
+        q = np.asarray(quantize_logprobs(pos_lps), dtype=np.int64)
+        order = np.argsort(q, kind="stable")
+        q = q[order]
+        out_ids.append([int(pos_ids[i]) for i in order])
+        out_q.append(np.diff(q, prepend=0).tolist())
+    return out_ids, out_q
+
+
+def decode_top(top_q: Any) -> Any:
+    """Stored ``top_logprobs_q`` (one row: a list of per-position delta codes) -> float32
+    log-probs, one array per position (a 2-D array when every position has k entries)."""
+    import numpy as np
+
+    if top_q is None:
+        return None
+    rows = [np.cumsum(np.asarray(q, dtype=np.int64)) for q in top_q]
+    if rows and all(len(r) == len(rows[0]) for r in rows):
+        return dequantize_logprobs(np.stack(rows))
+    return [dequantize_logprobs(r) for r in rows]
 
 
 def empty_row() -> dict[str, Any]:

@@ -190,8 +190,8 @@ def _request(row: dict[str, Any], fingerprint: str, res: RescoreResult) -> dict[
 def _apply(row: dict[str, Any], g: dict[str, Any], info: dict[str, Any], tag: str) -> None:
     row.update(
         token_ids=g["token_ids"], token_logprobs_q=records.quantize_logprobs(g["token_logprobs"]),
-        top_ids=g["top_ids"], top_logprobs_q=records.quantize_logprobs(g["top_logprobs"]),
         tokenizer_fingerprint=info["tokenizer_fingerprint"] if not g["error"] else None,
         error=g["error"],
     )
+    row["top_ids"], row["top_logprobs_q"] = records.encode_top(g["top_ids"], g["top_logprobs"])
     row["provenance"] = {**(row.get("provenance") or {}), "logprobs_by": tag}

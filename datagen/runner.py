@@ -280,7 +280,6 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
         usage={"prompt_tokens": gen["prompt_tokens"], "completion_tokens": gen["completion_tokens"],
                "cost_usd": price.cost(gen["prompt_tokens"], gen["completion_tokens"]) if price else None},
         token_ids=gen["token_ids"], token_logprobs_q=records.quantize_logprobs(gen["token_logprobs"]),
-        top_ids=gen["top_ids"], top_logprobs_q=records.quantize_logprobs(gen["top_logprobs"]),
         tokenizer_fingerprint=info.get("tokenizer_fingerprint"),
         provenance=req.provenance,
         license=license,
@@ -288,6 +287,7 @@ def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: 
                  "attempts": gen["attempts"]},
         error=gen["error"],
     )
+    row["top_ids"], row["top_logprobs_q"] = records.encode_top(gen["top_ids"], gen["top_logprobs"])
     return row
 
 
@@ -462,7 +462,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     limit = job.runtime.inflight_per_actor
     sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
                 for name, t in teachers.items()}
-    seeds = {str(s[stream.template.spec.seeds.id_field]): s for s in stream.seeds}
+    # by the id rows carry in provenance.seed_ids (numbered rows have no id field)
+    seeds = dict(zip(stream.template.seeds.ids, stream.template.seeds.rows))
 
     def route(stream_name: str, row: dict[str, Any], reason: str | None, tokens: int) -> None:
         store.add(stream_name, row)

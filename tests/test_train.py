@@ -55,7 +55,7 @@ def make_row(tok, i: int, *, fingerprint: str | None = None, k: int = 5) -> dict
                messages=messages, response=response, finish_reason="stop",
                teacher={"name": "smollm2", "backend": "vllm", "model": TEACHER, "revision": "x"},
                token_ids=ids, token_logprobs_q=records.quantize_logprobs([lp[0] for lp in top_lps]), top_ids=top_ids,
-               top_logprobs_q=records.quantize_logprobs(top_lps),
+               top_logprobs_q=records.encode_top(top_ids, top_lps)[1],
                tokenizer_fingerprint=fingerprint or student.fingerprint(tok),
                license={"teacher": "Apache-2.0", "seed": "Apache-2.0", "template": "Apache-2.0"},
                verdicts=[{"filter": "format", "keep": True, "reason": "ok", "score": None, "details": None}])

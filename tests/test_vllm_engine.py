@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from datagen import records
 from datagen.shards import ShardStore
 
 from .conftest import REPO, datagen
@@ -43,13 +45,13 @@ def test_quickstart_job_end_to_end(tmp_path):
         n = row["usage"]["completion_tokens"]
         assert len(row["token_ids"]) == len(row["token_logprobs_q"]) == len(row["top_ids"]) == n
         assert all(len(t) == 20 for t in row["top_ids"])
-        for q in row["top_logprobs_q"]:
-            assert q == sorted(q)  # most likely first: smallest -logprob code first
+        top = records.decode_top(row["top_logprobs_q"])
+        assert (top <= 0).all() and (np.diff(top, axis=1) <= 0).all()  # most likely first
         # When the sampled token is in the top-k, both places agree on its logprob.
-        for tok, q, ids_k, q_k in zip(row["token_ids"], row["token_logprobs_q"], row["top_ids"],
-                                      row["top_logprobs_q"]):
+        sampled = records.dequantize_logprobs(row["token_logprobs_q"])
+        for tok, lp, ids_k, lps_k in zip(row["token_ids"], sampled, row["top_ids"], top):
             if tok in ids_k:
-                assert abs(q - q_k[ids_k.index(tok)]) <= 1
+                assert abs(lp - lps_k[ids_k.index(tok)]) <= 1.01 / records.LOGPROB_SCALE
     assert "rows generated" in res.stdout and "accepted" in res.stdout
 
 

@@ -58,7 +58,7 @@ class KD:
 def read_kd(row: dict[str, Any]) -> KD | None:
     """The ONE place that reads the KD columns of a row (``token_ids``, ``top_ids``,
     ``top_logprobs_q``, ``tokenizer_fingerprint``). The log-probs are stored quantised
-    (``records.quantize_logprobs``: uint16 centi-nats) and decoded here to floats.
+    (``records.encode_top``: delta-coded uint16) and decoded here to floats.
     ``None``: no KD signal."""
     ids, top_ids, top_q = row.get("token_ids"), row.get("top_ids"), row.get("top_logprobs_q")
     if not ids or top_ids is None or top_q is None:
@@ -66,7 +66,7 @@ def read_kd(row: dict[str, Any]) -> KD | None:
     if not (len(ids) == len(top_ids) == len(top_q)):
         raise DataError(f"row {row.get('row_id')}: token_ids, top_ids and top_logprobs_q differ in length "
                         f"({len(ids)}, {len(top_ids)}, {len(top_q)})")
-    top_lps = [records.dequantize_logprobs(q).tolist() for q in top_q]
+    top_lps = [lp.tolist() for lp in records.decode_top(top_q)]
     return KD(list(ids), [list(t) for t in top_ids], top_lps, row.get("tokenizer_fingerprint"))
 
 
