@@ -475,6 +475,18 @@ def read_yaml(path: Path, *, what: str) -> Any:
         raise ConfigError(f"{path}{at}: invalid YAML: {problem}") from None
 
 
+def read_model(path: Path, model: type[BaseModel], *, what: str) -> Any:
+    """A YAML file validated as ``model``; every problem is a ``ConfigError`` naming the file
+    (and the field, through ``format_validation_error``)."""
+    data = read_yaml(path, what=what)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where=str(path))) from None
+
+
 def parse_job(data: Any, *, where: str, base_dir: Path) -> Job:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a job file must be a mapping of fields, got {type(data).__name__}")

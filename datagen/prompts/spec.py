@@ -16,10 +16,10 @@ from typing import Any, Literal
 import jinja2
 import jinja2.meta
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from datagen import records
-from datagen.config import SeedSource, Strict, format_validation_error, read_yaml
+from datagen.config import SeedSource, Strict, read_model
 from datagen.errors import ConfigError
 from datagen.prompts.seeds import Seeds, read_seeds
 
@@ -132,13 +132,7 @@ class Template:
 def load_template(path: Path, *, seeds: SeedSource | None = None) -> Template:
     """Load a spec and its seeds; ``seeds`` (the job's ``prompts.seeds``, path resolved)
     replaces the spec's own source."""
-    data = read_yaml(path, what="template")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a template spec must be a mapping, got {type(data).__name__}")
-    try:
-        spec = TemplateSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where=str(path))) from None
+    spec = read_model(path, TemplateSpec, what="template")
     if seeds is not None:
         spec = spec.model_copy(update={"seeds": seeds})
     seeds_path = spec.seeds.path if spec.seeds.path.is_absolute() else path.parent / spec.seeds.path

@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from datagen.config import Strict, format_validation_error, read_yaml
-from datagen.errors import ConfigError
+from datagen.config import Strict, read_model
 from datagen.prompts import AnswerFormat
 
 
@@ -135,13 +134,7 @@ def _rel(base: Path, p: str | Path) -> str:
 
 def _load(path: str | os.PathLike[str], model: type[Strict], what: str) -> Any:
     path = Path(path)
-    data = read_yaml(path, what=what)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of fields, got {type(data).__name__}")
-    try:
-        cfg = model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where=str(path))) from None
+    cfg = read_model(path, model, what=what)
     base = path.parent.resolve()
     upd: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": Path(_rel(base, cfg.data.path))}),
                            "output": Path(_rel(base, cfg.output))}
