@@ -88,10 +88,12 @@ def test_retry_after_pauses_the_whole_replica(server):
     assert all(g.error is None for g in gens)
     assert server.requests == 7 and server.served["429"] == 1
     hit = next(at for at, kind in server.arrivals if kind == "429")
-    after = sorted(at for at, _ in server.arrivals if at > hit)
-    # The first pair went out together, so its other half may land just after the 429;
-    # everything sent later waited out the pause.
-    assert len(after) == 6 and after[1] - hit >= 0.5
+    others = sorted(at for at, kind in server.arrivals if kind != "429")
+    assert len(others) == 6
+    # The first pair went out together, so its other half may reach the server just
+    # before or just after the 429; everything sent later waited out the pause.
+    early = [at for at in others if at - hit < 0.5]
+    assert len(early) <= 1 and all(abs(at - hit) < 0.25 for at in early)
 
 
 def test_a_burst_of_429s_cuts_concurrency_once(server):
