@@ -221,6 +221,16 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text!r})")
+    return value
+
+
 def cmd_rescore(args: argparse.Namespace) -> int:
     from datagen.rescore import load_teacher, rescore
 
@@ -228,8 +238,10 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     if args.logprobs is not None:
         teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"logprobs": args.logprobs})})
     res = rescore(_output_arg(args.output_dir, command="rescore"), teacher,
-                  dest=Path(args.to).resolve() if args.to else None)
+                  dest=Path(args.to).resolve() if args.to else None, commit_every_s=args.commit_every)
     failed = ", ".join(f"{why}: {n}" for why, n in sorted(res.failed.items())) or "none"
+    if res.resumed:
+        print(f"continued a re-score stopped half-way: {res.resumed} rows were already scored")
     print(f"re-scored {res.rows} rows with top-{teacher.sampling.logprobs} from {teacher.name} "
           f"({res.by_ids} on their own token ids, {res.by_text} on re-tokenized text; failed: {failed}) "
           f"in {res.seconds:.1f} s -> {res.dest}")
@@ -386,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", required=True, help="YAML file with one vLLM teacher (as in a job's teachers: list)")
     r.add_argument("--to", help="destination directory (default OUTPUT_DIR/rescored; must not exist)")
     r.add_argument("--logprobs", type=int, choices=range(1, 21), metavar="K", help="top-k to store (1-20; default the teacher's, else 20)")
+    r.add_argument("--commit-every", type=_seconds, default=60.0, metavar="S",
+                   help="commit scored rows at least every S seconds (default 60): what a killed re-score keeps")
     r.set_defaults(func=cmd_rescore)
 
     r = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any mismatch)")

@@ -15,16 +15,17 @@ Which tokens are scored:
 * otherwise the response text, tokenized by the re-scoring teacher without special
   tokens (an API row: the end-of-text token is not scored, since the text has none).
 
-The result is a derived store (like ``datagen dedupe``'s view), built aside and renamed
-into place: the source is never modified. Its rows keep their ids, text, verdicts and
+The result is a derived store (like ``datagen dedupe``'s view), built aside (in
+``.NAME.partial`` beside the destination, committing as it goes) and renamed into place
+when every row is scored: the source is never modified. A re-score that is killed or
+interrupted keeps what it committed there, and the same command run again continues
+from it (a different teacher or top-k is refused rather than mixed in). Its rows keep their ids, text, verdicts and
 licenses; ``token_ids``, the log-prob columns and ``tokenizer_fingerprint`` are the
 re-scoring teacher's, ``provenance.logprobs_by`` names it and ``license.logprobs`` holds
 its terms (a student trained on those log-probs learns from that teacher's outputs, so
 ``datagen export`` counts them in the row's class). Terms that cannot be mixed with a
 row's own are refused before any engine starts. A row that cannot be scored (too long
 for the context, empty) goes to the ``failed`` stream with its reason.
-
-Not yet: resuming a re-score killed half-way (it starts again; the source is untouched).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from typing import Any, Iterator
 from pydantic import TypeAdapter, ValidationError
 
 from datagen import records
-from datagen.config import Runtime, VLLMTeacher, format_validation_error, read_yaml
+from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml
 from datagen.errors import ConfigError, DatagenError
-from datagen.shards import ShardStore, build_store
+from datagen.shards import ShardStore, resumable_build
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RescoreResult:
     by_ids: int = 0  # scored on the row's own token ids
     by_text: int = 0  # scored on the re-tokenized response text
     failed: Counter = field(default_factory=Counter)
+    resumed: int = 0  # rows a killed or interrupted earlier call had already scored
     seconds: float = 0.0
 
 
@@ -71,10 +73,10 @@ def load_teacher(path: Path) -> VLLMTeacher:
 
 
 def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtime: Runtime | None = None,
-            inflight_per_actor: int = 2) -> RescoreResult:
+            inflight_per_actor: int = 2, commit_every_s: float = 60.0) -> RescoreResult:
     import ray
 
-    from datagen.runner import _Actors, _cause, init_ray
+    from datagen.runner import _Actors, _cause, _StopFlag, init_ray
 
     store = ShardStore.open(src)
     dest = dest or src / "rescored"
@@ -83,20 +85,26 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
     res = RescoreResult(dest=dest)
     started = time.perf_counter()
     src_meta = store.job_meta()
+    # What the rows' log-probs depend on: a half-finished re-score continues only under it.
     meta = {**{key: v for key, v in src_meta.items() if key != "rescore"},
             "rescore": {"source": str(src), "teacher": teacher.model_dump(mode="json"), "k": k}}
-    started_ray = init_ray(runtime or Runtime())
-    try:
-        actors = _Actors(_OneTeacher(teacher))
-        actors.wait_started(teacher_startup_s(runtime), lambda: False)
-        info = actors.info[teacher.name]
-        tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
-        with build_store(dest, meta) as out:
+    output = Output(path=dest, shard_rows=50_000, commit_every_s=commit_every_s)
+    with resumable_build(dest, meta, key="rescore", output=output) as out, _StopFlag() as stop:
+        done = out.row_ids(("accepted", "failed"))
+        res.resumed = len(done)
+        started_ray = init_ray(runtime or Runtime())
+        try:
+            actors = _Actors(_OneTeacher(teacher))
+            if not actors.wait_started(teacher_startup_s(runtime), lambda: stop.set):
+                raise _interrupted(out, res)
+            info = actors.info[teacher.name]
+            tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
             inflight: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
-            batches = _batches(store.iter_rows("accepted"), teacher.batch_size)
+            todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
+            batches = _batches(todo, teacher.batch_size)
             exhausted = False
             while True:
-                while not exhausted:
+                while not exhausted and not stop.set:
                     actor = actors.free(teacher.name, inflight_per_actor)
                     if actor is None:
                         break
@@ -109,14 +117,16 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                     actors.load[actor] += 1
                 if not inflight:
                     break
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                actor, rows = inflight.pop(done[0])
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                actor, rows = inflight.pop(ready[0])
                 actors.load[actor] -= 1
                 try:
-                    gens = ray.get(done[0])
+                    gens = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:
                     raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {_cause(exc)}; "
-                                       f"nothing was written to {dest}") from None
+                                       f"{_kept(out, res)}") from None
                 for row, g in zip(rows, gens):
                     _apply(row, g, info, tag)
                     row["license"] = {**row["license"], "logprobs": lid}
@@ -127,11 +137,22 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                         res.rows += 1
                         out.add("accepted", row)
                 out.commit_due()
-    finally:
-        if started_ray:
-            ray.shutdown()
+            if stop.set:
+                raise _interrupted(out, res)
+        finally:
+            if started_ray:
+                ray.shutdown()
     res.seconds = time.perf_counter() - started
     return res
+
+
+def _kept(out: ShardStore, res: RescoreResult) -> str:
+    return (f"{res.resumed + res.rows + sum(res.failed.values())} rows scored so far are kept in {out.root}; "
+            "run the same command again to continue")
+
+
+def _interrupted(out: ShardStore, res: RescoreResult) -> DatagenError:
+    return DatagenError(f"interrupted: {_kept(out, res)}")
 
 
 def _terms(store: ShardStore, teacher: VLLMTeacher) -> str:

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen import records
-from datagen.errors import OutputError
+from datagen.errors import DatagenError, OutputError
 
 MANIFEST = "manifest.json"
 JOB_FILE = "datagen-job.json"
@@ -340,6 +340,7 @@ class ShardStore:
         self.manifest = manifest
         self.output = output
         self._lock_fd: int | None = None
+        self.resumed = False  # set by resumable_build when it reopened a partial store
         self.writers = {s: self.writer_class(self, s) for s in records.STREAMS}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -525,3 +526,49 @@ def build_store(dest: Path, job_meta: dict[str, Any], *, shard_rows: int = 50_00
         raise OutputError(f"writing {dest} failed: {exc}; nothing was written there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def resumable_build(dest: Path, job_meta: dict[str, Any], *, key: str, output: Any) -> Iterator[ShardStore]:
+    """A derived store that survives being killed: built in ``.NAME.partial`` beside
+    ``dest`` (a store with its own manifest, committing as it goes) and renamed to
+    ``dest`` when the block finishes. If the block fails or the process dies, the
+    partial store keeps what it committed; the next call with the same
+    ``job_meta[key]`` opens it again (the caller skips ``store.row_ids(...)``), one with
+    a different ``job_meta[key]`` is refused rather than mixed in. ``store.resumed``
+    says which happened."""
+    if dest.exists():
+        raise OutputError(f"destination exists: {dest}; choose a new path")
+    partial = dest.parent / f".{dest.name}.partial"
+    out = output.model_copy(update={"path": partial})
+    if (partial / MANIFEST).exists():
+        store = ShardStore.open(partial, out, for_writing=True)
+        if _canonical(store.job_meta().get(key)) != _canonical(job_meta[key]):
+            store.close()
+            raise OutputError(f"{partial} holds a half-finished {key} with other settings; repeat the "
+                              "command that started it to finish it, or delete that directory to start over")
+        store.resumed = True
+    else:
+        shutil.rmtree(partial, ignore_errors=True)  # no manifest: it never committed a row
+        store = ShardStore.create(partial, out, job_meta=job_meta)
+    try:
+        yield store
+        store.commit_all()
+        store.manifest.save()
+    except BaseException:
+        try:  # rows already received are complete: keep them for the next call
+            store.commit_all()
+        except DatagenError:
+            pass
+        raise
+    finally:
+        store.close()
+    try:
+        (partial / LOCK_FILE).unlink(missing_ok=True)
+        os.rename(partial, dest)
+    except OSError as exc:
+        raise OutputError(f"moving {partial} to {dest} failed: {exc}; the rows are in {partial}") from None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

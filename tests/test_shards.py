@@ -219,3 +219,60 @@ def test_damaged_outputs_get_one_line_errors(tmp_path):
     res = datagen("inspect", str(root))
     assert res.returncode == 1 and "schema version 9.0 is not readable" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+RESUMABLE_CHILD = textwrap.dedent("""
+    import os, sys, signal
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from tests.test_shards import row, output, META
+    from datagen.shards import resumable_build
+    with resumable_build(Path(sys.argv[1]), dict(META, step={{"k": 5}}), key="step",
+                         output=output(shard_rows=10)) as store:
+        for i in range(25):
+            store.add("accepted", row(i))  # shards of 10 commit at rows 10 and 20
+        os.kill(os.getpid(), signal.SIGKILL)  # rows 20..24 were never committed
+""")
+
+
+def test_resumable_build_keeps_what_a_killed_build_committed_and_continues(tmp_path):
+    from datagen.shards import resumable_build
+
+    dest, meta = tmp_path / "view", dict(META, step={"k": 5})
+    script = tmp_path / "child.py"
+    script.write_text(RESUMABLE_CHILD.format(repo=str(Path(__file__).resolve().parent.parent)))
+    proc = subprocess.run([sys.executable, str(script), str(dest)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not dest.exists()
+    # Another key is refused, naming the directory, and leaves the partial store alone.
+    with pytest.raises(OutputError, match=r"\.view\.partial holds a half-finished step with other settings"):
+        with resumable_build(dest, dict(META, step={"k": 6}), key="step", output=output()):
+            pass
+    with resumable_build(dest, meta, key="step", output=output(shard_rows=10)) as store:
+        assert store.resumed
+        done = store.row_ids(("accepted",))
+        assert done == {f"id{i:06d}" for i in range(20)}
+        for i in range(30):
+            if f"id{i:06d}" not in done:
+                store.add("accepted", row(i))
+    assert not (tmp_path / ".view.partial").exists()
+    rows = committed_rows(dest)
+    assert sorted(rows) == [f"id{i:06d}" for i in range(30)]  # each once
+
+
+def test_resumable_build_commits_rows_received_before_an_error(tmp_path):
+    from datagen.shards import resumable_build
+
+    dest, meta = tmp_path / "view", dict(META, step=1)
+    with pytest.raises(RuntimeError):
+        with resumable_build(dest, meta, key="step", output=output()) as store:
+            assert not store.resumed
+            store.add("accepted", row(1))
+            raise RuntimeError("engine died")
+    assert committed_rows(tmp_path / ".view.partial") == ["id000001"]
+    with resumable_build(dest, meta, key="step", output=output()) as store:
+        assert store.resumed and store.row_ids(("accepted",)) == {"id000001"}
+    assert committed_rows(dest) == ["id000001"]
+    with pytest.raises(OutputError, match="destination exists"):
+        with resumable_build(dest, meta, key="step", output=output()):
+            pass

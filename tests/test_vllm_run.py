@@ -47,14 +47,18 @@ def _job(tmp_path: Path) -> Path:
 
 def _teacher_actor_pids() -> list[int]:
     """Processes Ray titled ``ray::TeacherActor…``: the real actors, found the way an
-    operator would find them."""
+    operator would find them; only this test's (the local Ray instance is a child of
+    this process), not those of other Ray instances on the machine."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
         if cmd.startswith("ray::TeacherActor"):
-            pids.append(p.info["pid"])
+            pids.append(p.pid)
     return pids
 
 
@@ -129,3 +133,40 @@ def test_rescore_a_run_with_the_same_model_reproduces_its_logprobs(killed_run, t
                                    records.dequantize_logprobs(b["token_logprobs_q"]), atol=0.017)
     assert worst <= 1.01 / records.LOGPROB_SCALE
     assert datagen("verify", str(tmp_path / "rs")).returncode == 0
+
+
+def test_a_killed_rescore_is_finished_by_running_it_again(killed_run, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from datagen.shards import MANIFEST, Manifest
+
+    _, job, _, _ = killed_run
+    src, dest = job.output.path, tmp_path / "rs"
+    partial = tmp_path / ".rs.partial"
+    teacher = dict(TEACHER, batch_size=1, sampling={"logprobs": 5})
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(teacher))
+    cmd = [sys.executable, "-m", "datagen", "rescore", str(src), "--teacher", str(tmp_path / "t.yaml"),
+           "--to", str(dest), "--commit-every", "0.001"]  # every batch of one row commits
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (partial / MANIFEST).exists() and Manifest.load(partial).counts()["accepted"] >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the re-score ended before it could be killed: {proc.stdout.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray and the engine
+    proc.wait()
+    kept = ShardStore.open(partial).row_ids(("accepted",))
+    expected = ShardStore.open(src).row_ids(("accepted",))
+    assert 3 <= len(kept) < len(expected) and not dest.exists()
+
+    res = datagen(*cmd[3:], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(kept)} rows were already scored" in res.stdout
+    ids = ShardStore.open(dest).read("accepted", columns=["row_id"]).column("row_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == expected  # every row once, none twice
+    assert not partial.exists()
+    assert datagen("verify", str(dest)).returncode == 0
