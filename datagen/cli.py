@@ -52,6 +52,10 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         for line in prompt_lines:
             out.print(line, soft_wrap=True, highlight=False)
         out.print(where_line(store), soft_wrap=True, highlight=False)
+    if stats.lost:  # something died on the way: say so, even with --quiet
+        what = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(stats.lost.items()))
+        warn.print(f"redone after an actor or node died: {what} (it cost time, not rows)", style="yellow",
+                   soft_wrap=True)
     if stats.interrupted:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
                    style="yellow", soft_wrap=True)

@@ -161,6 +161,10 @@ class OpenAITeacher(_TeacherBase):
         None, min_length=1, description="the model's tokenizer (HF folder, hub id or embedded:NAME): maps the "
         "token strings of servers that give no ids to ids (byte-level BPE tokenizers only)"
     )
+    num_cpus: float = Field(
+        0.0, ge=0.0, description="CPUs Ray reserves per replica. 0 places replicas anywhere, the head "
+        "included; on a cluster whose head has no CPUs, 1 keeps them on worker nodes"
+    )
 
     @field_validator("min_concurrency")
     @classmethod

@@ -18,18 +18,32 @@ cluster, and there the order could in principle matter.
 
 **Resume.** The index is rebuilt from the committed accepted rows before generation
 continues, so a resumed run ends with the same clusters as an uninterrupted one.
+
+**A lost index actor** (its process or node died) leaves the others with a partial
+index, and a restarted actor would come back empty, so none is restarted. Instead the
+whole index is rebuilt the way resume rebuilds it: fresh actors, and every row again from
+``source`` (the runner's: it commits the rows routed so far, then reads the committed
+accepted rows). That costs a pass over the accepted rows, not rows or clusters.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from datagen import minhash
 from datagen.config import Dedupe
+from datagen.errors import DatagenError
+from datagen.replicas import lost_work_errors
 
 BATCH = 256
+# Index rebuilds in a row, each after a lost actor, before the run stops; the waits
+# between them give the cluster time to notice a lost node (Ray takes some seconds), so
+# that new actors are not placed on it.
+REBUILD_WAITS_S = (0.0, 5.0, 10.0, 20.0)
 
 
 class IndexShard:
@@ -67,21 +81,48 @@ def _owner(rid: str, k: int) -> int:
 
 
 class StreamingDedupe:
-    def __init__(self, cfg: Dedupe):
-        import ray
+    """``source()`` yields (row id, text) of every row added so far: what a rebuild
+    indexes again after a lost actor. Without one, a lost actor stops the run."""
 
+    def __init__(self, cfg: Dedupe, source: Callable[[], Iterable[tuple[str, str]]] | None = None):
         self.cfg = cfg
+        self.source = source
         self.shingling = minhash.Shingling(kind=cfg.shingle, n=cfg.ngram, lowercase=cfg.lowercase,
                                            strip_punct=cfg.strip_punct)
         self.a, self.b = minhash.permutations(cfg.num_perm, cfg.seed)
         self.bands, self.rows = minhash.lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
         k = max(1, min(cfg.actors, self.bands))
-        remote = ray.remote(IndexShard).options(num_cpus=0, max_restarts=0)
         self.band_sets = [list(range(i, self.bands, k)) for i in range(k)]
+        self.actors: list[Any] = []
+        self.rebuilds = 0  # after lost actors
+        self._start()
+
+    def _start(self) -> None:
+        """Fresh, empty index actors and union-find."""
+        import ray
+
+        remote = ray.remote(IndexShard).options(num_cpus=0, max_restarts=0)
         self.actors = [remote.remote(bs) for bs in self.band_sets]
         self.parent: dict[str, str] = {}
         self.pending: list[tuple[str, str]] = []
         self.checked = 0
+
+    def load(self) -> None:
+        """Index every row ``source`` yields (the committed rows, on resume)."""
+        try:
+            self._load()
+        except lost_work_errors() as exc:
+            self._rebuild(exc)
+
+    def _load(self) -> None:
+        chunk: list[tuple[str, str]] = []
+        for row in self.source() if self.source else ():
+            chunk.append(row)
+            if len(chunk) >= BATCH:
+                self._index(chunk)
+                chunk = []
+        if chunk:
+            self._index(chunk)
 
     # -- union-find over row ids; the root of a cluster is its smallest id
     def _find(self, x: str) -> str:
@@ -103,11 +144,42 @@ class StreamingDedupe:
             self.flush()
 
     def flush(self) -> None:
-        import ray
-
         if not self.pending:
             return
         batch, self.pending = self.pending, []
+        try:
+            self._index(batch)
+        except lost_work_errors() as exc:
+            self._rebuild(exc)
+
+    def _rebuild(self, exc: BaseException) -> None:
+        """An index actor died: index every row again on fresh actors (see the module doc)."""
+        import ray
+
+        from datagen.runner import _cause
+
+        tries = 0
+        while True:
+            tries += 1
+            if self.source is None or tries > len(REBUILD_WAITS_S):
+                times = f" {tries} times in a row" if tries > 1 else ""
+                raise DatagenError(
+                    f"streaming dedupe lost an index actor{times} ({_cause(exc)}); committed rows are intact, "
+                    "and `datagen resume` rebuilds the index from them")
+            time.sleep(REBUILD_WAITS_S[tries - 1])
+            for actor in self.actors:  # the survivors hold a partial index
+                ray.kill(actor)
+            self._start()
+            self.rebuilds += 1
+            try:
+                self._load()
+                return
+            except lost_work_errors() as again:
+                exc = again
+
+    def _index(self, batch: list[tuple[str, str]]) -> None:
+        import ray
+
         rids = [r for r, _ in batch]
         texts = [t for _, t in batch]
         for rid in rids:

@@ -18,6 +18,7 @@ from typing import Any
 
 from datagen.errors import DatagenError
 from datagen.filters import FilterChain
+from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
 
 ACTOR_MAX_RESTARTS = 3
 # What a filter may read from a row; the rest (logprobs) stays in the driver.
@@ -60,6 +61,7 @@ class Pending:
 
     rows: list[dict[str, Any]]
     peers: dict[str, list[str]] = field(default_factory=dict)  # prompt_id -> committed samples' answers
+    lost: int = 0  # times the actor judging it died with it
 
 
 class PromptGroups:
@@ -130,7 +132,8 @@ class FilterPool:
         self.actors: list[Any] = []
         self.load: dict[Any, int] = {}
         self.slots = slots
-        self.inflight: dict[Any, tuple[Any, Pending]] = {}
+        self.inflight: dict[Any, tuple[Any, Pending, list[Any]]] = {}
+        self.liveness = Liveness()  # actors that lost a batch (datagen/replicas.py)
         self.queue: deque[tuple[Pending, list[Any]]] = deque()
         self.local: FilterWorker | None = None
         n = job.runtime.filter_actors
@@ -147,6 +150,9 @@ class FilterPool:
         self.max_backlog = n * slots * 4
 
     def refs(self) -> list[Any]:
+        if self.queue and not self.inflight:  # every actor down after losing a batch
+            self.liveness.wait(1.0)  # (a bounded wait: the driver loop must not spin)
+        self._dispatch()  # to an actor that is back
         return list(self.inflight)
 
     @property
@@ -169,26 +175,38 @@ class FilterPool:
 
     def _dispatch(self) -> None:
         while self.queue:
-            actor = min(self.actors, key=lambda a: self.load[a])
-            if self.load[actor] >= self.slots:
+            try:
+                actor = self.liveness.pick(self.actors, self.load, self.slots)
+            except ReplicasLost as exc:
+                raise FilterFailed(f"filter actors: {exc}; committed rows are intact, `datagen resume` "
+                                   "continues") from None
+            if actor is None:
                 return
             pending, seeds = self.queue.popleft()
             ref = actor.run.remote([view(r, pending.peers) for r in pending.rows], seeds)
             self.load[actor] += 1
-            self.inflight[ref] = (actor, pending)
+            self.inflight[ref] = (actor, pending, seeds)
 
-    def done(self, ref: Any) -> tuple[Pending, list[list[dict[str, Any]]]]:
-        """The verdicts of a finished batch; a filter that raised stops the run."""
+    def done(self, ref: Any) -> tuple[Pending, list[list[dict[str, Any]]]] | None:
+        """The verdicts of a finished batch; a filter that raised stops the run. None when
+        the batch's actor or node died: the batch is queued again (same rows), bounded."""
         import ray
 
-        actor, pending = self.inflight.pop(ref)
+        actor, pending, seeds = self.inflight.pop(ref)
         self.load[actor] -= 1
         try:
             verdicts = ray.get(ref)
+        except lost_work_errors() as exc:
+            self.liveness.lost(actor, actor.ready)
+            pending.lost += 1
+            if pending.lost > BATCH_MAX_REQUEUES:
+                raise FilterFailed(f"its actor died {pending.lost} times on one batch: {_cause(exc)}") from None
+            self.queue.appendleft((pending, seeds))
+            verdicts = None
         except ray.exceptions.RayError as exc:
             raise FilterFailed(_cause(exc)) from None
         self._dispatch()
-        return pending, verdicts
+        return None if verdicts is None else (pending, verdicts)
 
 
 class FilterFailed(DatagenError):

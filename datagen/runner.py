@@ -30,6 +30,7 @@ from datagen.errors import DatagenError, MissingExtra, OutputError
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
+from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
@@ -49,6 +50,9 @@ class RunStats:
     interrupted: bool = False
     unique: int | None = None  # accepted rows left after streaming dedupe, when it ran
     stop_reason: str | None = None  # why generation stopped early: target_accepted, max_rows, ...
+    # work done again because an actor or node died with it (Ray's own silent retries
+    # not counted): "teacher batch", "filter batch", "dedupe index rebuild" -> times
+    lost: Counter = field(default_factory=Counter)
 
     @property
     def generated(self) -> int:
@@ -82,6 +86,9 @@ def run_fingerprint(job: Job, stream_hash: str) -> str:
     # a run and its resume. New fields at their defaults stay out, so old outputs resume.
     if body.get("filter_short_circuit") is True:
         body.pop("filter_short_circuit")
+    for t in body["teachers"]:  # where an API teacher's replicas run is not what a row is
+        if t["backend"] == "openai":
+            t.pop("num_cpus")
     return records.content_hash({"job": body, "prompts": stream_hash})
 
 
@@ -161,8 +168,8 @@ def _check_resources(job: Job) -> None:
     have = ray.cluster_resources()
     need = {"CPU": 0.0, "GPU": 0.0}
     for t in job.teachers:
+        need["CPU"] += t.num_cpus * t.replicas
         if t.backend == "vllm":
-            need["CPU"] += t.num_cpus * t.replicas
             need["GPU"] += t.num_gpus * t.replicas
     for res, amount in need.items():
         if amount > have.get(res, 0.0) + 1e-9:
@@ -185,6 +192,7 @@ class _Actors:
         self.load: dict[Any, int] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.groups: list[Any] = []  # placement groups this run made, removed by close()
+        self.liveness = Liveness()
         for t in job.teachers:
             actors = [remote.options(**self._options(t)).remote(t.model_dump(mode="json"))
                       for _ in range(t.replicas)]
@@ -196,7 +204,9 @@ class _Actors:
     def _options(self, t: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
         if t.backend != "vllm":
-            return opts | {"num_cpus": 0}  # waits on HTTP: a CPU request would starve small machines
+            # Waits on HTTP: 0 by default, so it never starves a small machine; on a
+            # cluster whose head has 0 CPUs, num_cpus >= 1 keeps it on the worker nodes.
+            return opts | {"num_cpus": t.num_cpus}
         if t.engine.gpus_per_engine == 1:
             return opts | {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
         group = placement_for(t)
@@ -233,8 +243,16 @@ class _Actors:
         return True
 
     def free(self, teacher: str, limit: int) -> Any | None:
-        actor = min(self.by_teacher[teacher], key=lambda a: self.load[a])
-        return actor if self.load[actor] < limit else None
+        """An answering replica with a free slot, or None."""
+        try:
+            return self.liveness.pick(self.by_teacher[teacher], self.load, limit)
+        except ReplicasLost as exc:
+            raise DatagenError(f"teacher {teacher!r}: {exc}; committed rows are intact, "
+                               "`datagen resume` continues") from None
+
+    def lost(self, actor: Any) -> None:
+        """A batch on ``actor`` was lost: no work for it until it answers again."""
+        self.liveness.lost(actor, actor.info)
 
 
 def placement_for(t: Any) -> Any:
@@ -382,6 +400,8 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
             store.commit_all()
             if dedup is not None and not stats.interrupted:
                 _finish_dedupe(job, store, dedup, stats)
+            if dedup is not None and dedup.rebuilds:
+                stats.lost["dedupe index rebuild"] += dedup.rebuilds
     except DatagenError as exc:
         # Commit what was received before stopping, unless writing is what broke.
         if not isinstance(exc, OutputError):
@@ -405,14 +425,18 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
 
 
 def _start_dedupe(job: Job, store: ShardStore):
-    """Streaming dedupe index, rebuilt from the rows already committed (resume)."""
+    """Streaming dedupe index, rebuilt from the rows already committed (resume), and
+    again from every accepted row so far if an index actor is lost mid-run."""
     from datagen.dedupe import row_text
     from datagen.dedupe_stream import StreamingDedupe
 
-    dedup = StreamingDedupe(job.dedupe)
-    for row in store.iter_rows("accepted"):
-        dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
-    dedup.flush()
+    def accepted_so_far() -> Iterator[tuple[str, str]]:
+        store.commit_all()  # rows routed but not yet committed become readable
+        for row in store.iter_rows("accepted"):
+            yield row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on)
+
+    dedup = StreamingDedupe(job.dedupe, source=accepted_so_far)
+    dedup.load()
     return dedup
 
 
@@ -458,6 +482,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     ready_batches: deque[tuple[str, list[Request]]] = deque()
     inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
     exhausted = False
+    lost: Counter = Counter()  # first row id of a batch -> times its work was lost
     consecutive_failures = 0
     limit = job.runtime.inflight_per_actor
     sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
@@ -535,6 +560,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 buffers[req.teacher] = []
         if not inflight and not filters.busy():
             if ready_batches:
+                actors.liveness.wait(1.0)  # only when replicas are down: until one may be back
                 continue  # partial batches the quota just flushed: send them
             if groups is not None and groups.held:
                 to_filters(groups.flush())  # groups a budget cut short vote with what they have
@@ -545,19 +571,32 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
         for ref in done_refs:
             if ref not in inflight:
                 try:
-                    judged(*filters.done(ref))
+                    finished = filters.done(ref)  # None: its actor was lost, the batch requeued
                 except FilterFailed as exc:
                     raise _filter_failed(exc, store) from None
+                if finished is not None:
+                    judged(*finished)
+                else:
+                    stats.lost["filter batch"] += 1
                 continue
             actor, name, batch = inflight.pop(ref)
             actors.load[actor] -= 1
             try:
                 gens = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                raise DatagenError(
-                    f"teacher {name!r} died {ACTOR_MAX_RESTARTS + 1} times on one batch "
-                    f"({_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
-                ) from None
+            except lost_work_errors() as exc:
+                # Its actor or node died and Ray's own retries ran out (datagen/replicas.py):
+                # run it again, same row ids, so no duplicates; the quota still counts its
+                # rows as in flight.
+                actors.lost(actor)
+                stats.lost["teacher batch"] += 1
+                lost[batch[0].row_id] += 1
+                if lost[batch[0].row_id] > BATCH_MAX_REQUEUES:
+                    raise DatagenError(
+                        f"teacher {name!r} died {lost[batch[0].row_id]} times on one batch "
+                        f"({_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
+                    ) from None
+                ready_batches.appendleft((name, batch))
+                continue
             except ray.exceptions.RayError as exc:
                 raise DatagenError(
                     f"teacher {name!r} raised {_cause(exc)}; committed rows are intact, "

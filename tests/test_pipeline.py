@@ -109,10 +109,10 @@ def test_teacher_faults_are_survived_or_recorded_then_resumed(tmp_path, fake_ser
     assert set(done) == expected_ids(job)
 
 
-def _start(job: Path) -> subprocess.Popen:
+def _start(job: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "datagen", "run", str(job), "--quiet"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def _wait_for_rows(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:

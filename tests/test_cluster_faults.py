@@ -1,0 +1,310 @@
+"""Fault tolerance (issue 8): a killed actor, a lost worker node and a killed driver each
+cost time, not rows. Every faulted run here has a target of N accepted rows and
+streaming dedupe on, and must end exactly as an uninterrupted run does: the same
+accepted and rejected row-id sets, each row once across all three streams, exactly N
+accepted, and the same dedupe view.
+
+All of it is real: the CLI in a subprocess; local Ray, or a cluster of a 0-CPU head and
+worker nodes on 127.0.0.1 (datagen/testing/ray_head.py); the fake OpenAI server; SIGKILL
+to actor processes, to a worker node's whole process session, to the driver's group."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from datagen import runner
+from datagen.config import Dedupe, parse_job
+from datagen.errors import DatagenError
+from datagen.records import STREAMS
+from datagen.shards import ShardStore
+from datagen.testing.fake_openai import FakeOpenAIServer
+
+from .conftest import datagen, write_job
+from .test_dedupe_stream import _job as dedupe_job
+from .test_dedupe_stream import near_duplicate_answer
+from .test_pipeline import _start, _wait_for_rows, all_ids
+
+TARGET = 30  # accepted rows; the 60 prompts hold more, so the target is what stops every run
+
+
+def answer(messages):
+    """Near-duplicate answers (dedupe has clusters to find), and prose for "office chair"
+    (the format filter rejects it, so the target needs more prompts than it accepts)."""
+    if "office chair" in messages[-1]["content"]:
+        return "I am sorry to hear that! Please contact the store."
+    return near_duplicate_answer(messages)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeOpenAIServer(answer=answer) as s:
+        yield s
+
+
+@dataclass
+class Outcome:
+    accepted: set[str]
+    rejected: set[str]
+    clusters: list[dict]  # the dedupe view's clusters.parquet: row id, its cluster, kept
+
+
+def outcome(out: Path) -> Outcome:
+    store = ShardStore.open(out)
+    ids = {s: store.read(s, columns=["row_id"]).column("row_id").to_pylist() for s in STREAMS}
+    every = [r for s in STREAMS for r in ids[s]]
+    assert len(every) == len(set(every)), Counter(every).most_common(3)
+    assert ids["failed"] == []
+    assert len(ids["accepted"]) == TARGET
+    clusters = sorted(pq.read_table(out / "dedupe" / "clusters.parquet").to_pylist(), key=lambda r: r["row_id"])
+    return Outcome(set(ids["accepted"]), set(ids["rejected"]), clusters)
+
+
+def fault_job(tmp_path: Path, server, name: str, *, runtime: dict | None = None,
+              teacher: dict | None = None) -> Path:
+    """Two teacher replicas, one row per batch and one batch per actor: every actor holds
+    work whenever it is killed. Row ids do not depend on any of these settings."""
+    (tmp_path / name).mkdir()
+    return dedupe_job(tmp_path, server.base_url, name, 2, batch_size=1, shard_rows=4, commit_every_s=0.2,
+                      target_accepted=TARGET,
+                      runtime={"num_cpus": 2, "inflight_per_actor": 1, "filter_actors": 2, **(runtime or {})},
+                      extra_teacher={"replicas": 2, "timeout_s": 30, **(teacher or {})})
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory) -> Outcome:
+    """The uninterrupted run every faulted one must equal."""
+    tmp = tmp_path_factory.mktemp("ref")
+    job = fault_job(tmp, server, "ref")
+    res = datagen("run", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "target_accepted" in res.stdout
+    ref = outcome(tmp / "ref" / "out")
+    assert ref.rejected, "no rejections: the target counter had nothing to count past"
+    assert sum(c["kept"] for c in ref.clusters) < TARGET, "no near-duplicates: dedupe had nothing to do"
+    return ref
+
+
+def _actor_pids(proc, class_name: str) -> list[int]:
+    """The run's actor processes of one class, found as an operator would: by the title
+    Ray gives them, among the driver's descendants (its local Ray)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(f"ray::{class_name}"):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def _wait_for(find, proc, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while not (found := find()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {what} after {timeout:g} s"
+        time.sleep(0.05)
+    return found
+
+
+def _finish(proc, timeout: float = 600) -> str:
+    """Wait for a run to end on its own, successfully; its stderr."""
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_killed_actors_cost_time_not_rows(tmp_path, server, reference):
+    server.inject("latency", times=None, seconds=2.0)  # every actor busy when killed
+    job = fault_job(tmp_path, server, "actors")
+    out = tmp_path / "actors" / "out"
+    proc = _start(job)
+    try:
+        _wait_for_rows(out, proc, 2)
+        # A filter actor: Ray restarts it and re-runs its batch. An index actor: the
+        # driver rebuilds the dedupe index from the store.
+        for cls in ("FilterWorker", "IndexShard"):
+            os.kill(_wait_for(lambda: _actor_pids(proc, cls), proc, cls)[0], signal.SIGKILL)
+        # One teacher replica, until Ray gives up on it (max_restarts): its last batch
+        # comes back to the driver as lost, and goes to the other replica.
+        seen = set(_wait_for(lambda: _actor_pids(proc, "TeacherActor"), proc, "teacher actors"))
+        victim = min(seen)
+        for kill in range(runner.ACTOR_MAX_RESTARTS + 1):
+            os.kill(victim, signal.SIGKILL)
+            if kill < runner.ACTOR_MAX_RESTARTS:
+                victim = _wait_for(lambda: set(_actor_pids(proc, "TeacherActor")) - seen, proc,
+                                   "restarted teacher").pop()
+                seen.add(victim)
+        assert proc.poll() is None, "the run ended before the faults were all in: they proved nothing"
+    finally:
+        server.clear()
+    err = _finish(proc)
+    assert outcome(out) == reference
+    # What reached the driver: the batch Ray gave up on, and the index it lost.
+    assert re.search(r"redone after an actor or node died: .*\d+ teacher batch", err), err
+    assert "dedupe index rebuild" in err, err
+
+
+def test_killed_driver_is_finished_by_resume(tmp_path, server, reference):
+    server.inject("latency", times=None, seconds=0.5)
+    job = fault_job(tmp_path, server, "driver")
+    out = tmp_path / "driver" / "out"
+    proc = _start(job)
+    try:
+        _wait_for_rows(out, proc, 6)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray: nothing is tidied
+        proc.wait()
+    finally:
+        server.clear()
+    before = all_ids(out)
+    assert 6 <= len(before) < TARGET and not (out / "dedupe").exists()
+    res = datagen("resume", str(out))
+    assert res.returncode == 0, res.stderr
+    assert outcome(out) == reference
+    assert set(before) <= set(all_ids(out))
+
+
+@pytest.mark.slow
+def test_lost_worker_node_costs_time_not_rows(tmp_path, server, reference):
+    from datagen.testing.ray_head import LocalRayHead
+
+    # The production layout: a head without CPUs runs the driver; actors asking for a CPU
+    # go to the workers, each big enough to take every actor after the other is lost.
+    # A spread threshold of 0 puts each actor on the least loaded node, so both hold some.
+    head = LocalRayHead(num_cpus=0, object_store_mb=256, env={"RAY_scheduler_spread_threshold": "0"})
+    with head:
+        workers = [head.add_worker(num_cpus=4, object_store_mb=256) for _ in range(2)]
+        server.inject("latency", times=None, seconds=1.0)
+        job = fault_job(tmp_path, server, "node", runtime={"filter_num_cpus": 1}, teacher={"num_cpus": 1})
+        out = tmp_path / "node" / "out"
+        proc = _start(job, env={**head.client_env, "RAY_ADDRESS": head.gcs_address})
+        try:
+            _wait_for_rows(out, proc, 4, timeout=300)
+            placed = {w: {c: w.actor_pids(c) for c in ("TeacherActor", "FilterWorker", "IndexShard")}
+                      for w in workers}
+            assert all(placed[w]["TeacherActor"] for w in workers), placed  # spread over both
+            assert not head.actor_pids("TeacherActor") and not head.actor_pids("FilterWorker")
+            victim = max(workers, key=lambda w: sum(map(len, placed[w].values())))
+            victim.kill()  # raylet, object store, its actors: gone at once
+            assert proc.poll() is None, "the run ended before the node was lost: it proved nothing"
+        finally:
+            server.clear()
+        print(_finish(proc))  # what reached the driver, if anything (Ray retries the rest)
+    assert head.processes() == [], "Ray processes left behind"
+    assert outcome(out) == reference
+
+
+# --------------------------------------------------------------------------- units
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def test_streaming_dedupe_rebuilds_its_index_after_a_lost_actor(local_ray):
+    from datagen import minhash as mh
+    from datagen.dedupe_stream import BATCH, StreamingDedupe
+
+    from .test_minhash import corpus
+
+    ids, texts = corpus(2 * BATCH, 3, seed=5)
+    ids = [f"{i * 7919:032x}" for i in range(len(ids))]
+    expected = {ids[i] for i in mh.find_clusters(ids, texts).kept()}
+    seen: list[tuple[str, str]] = []  # what a store would hold: every row added so far
+    sd = StreamingDedupe(Dedupe(actors=3), source=lambda: iter(seen))
+    for i, (rid, text) in enumerate(zip(ids, texts)):
+        seen.append((rid, text))
+        sd.add(rid, text)
+        if i == BATCH + 10:  # one batch indexed, the next one pending
+            killed = sd.actors[1]
+            local_ray.kill(killed)
+    roots = sd.roots()
+    assert killed not in sd.actors
+    assert {r for r, root in roots.items() if r == root} == expected
+    assert set(roots) == set(ids)
+
+    # Without a source to rebuild from, the loss stops the run with one clear line.
+    bare = StreamingDedupe(Dedupe(actors=2))
+    local_ray.kill(bare.actors[0])
+    bare.add(ids[0], texts[0])
+    with pytest.raises(DatagenError, match="streaming dedupe lost an index actor .*`datagen resume` rebuilds"):
+        bare.roots()
+
+
+def test_liveness_gives_no_work_to_lost_replicas_until_they_answer(local_ray):
+    from datagen.replicas import Liveness, ReplicasLost
+
+    @local_ray.remote(num_cpus=0)
+    class Replica:
+        def ping(self) -> bool:
+            return True
+
+    def until(cond):
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline
+            live.wait(0.5)
+
+    def kill(actor):  # ray.kill returns before the actor is gone: a ping may still answer
+        local_ray.kill(actor)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                local_ray.get(actor.ping.remote())
+            except local_ray.exceptions.RayActorError:
+                return
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    a, b = Replica.remote(), Replica.remote()
+    local_ray.get([a.ping.remote(), b.ping.remote()])
+    live = Liveness()
+    load = {a: 0, b: 1}
+    assert live.pick([a, b], load, limit=2) is a  # least loaded
+    live.lost(b, b.ping)  # lost a batch but answers: back
+    until(lambda: live.pick([a, b], load, limit=2) is not None and b not in live.down)
+    kill(a)  # and Ray will not restart it
+    live.lost(a, a.ping)
+    assert live.pick([a, b], load, limit=2) is b  # a is down: b, though busier
+    until(lambda: live.pick([a, b], load, limit=2) and a in live.dead)
+    load[b] = 2
+    assert live.pick([a, b], load, limit=2) is None  # b is full; a gets nothing any more
+    kill(b)
+    live.lost(b, b.ping)
+    with pytest.raises(ReplicasLost, match="all 2 replica"):
+        until(lambda: live.pick([a, b], load, limit=2) and False)
+
+
+def test_api_teacher_cpus_place_actors_and_stay_out_of_the_fingerprint(tmp_path):
+    job = write_job(tmp_path, base_url="http://127.0.0.1:9/v1", count=4)
+    base = yaml.safe_load(job.read_text())
+
+    def fingerprint(**teacher) -> str:
+        data = {**base, "teachers": [{**base["teachers"][0], **teacher}]}
+        return runner.prepare(parse_job(data, where="job.yaml", base_dir=tmp_path))[1]
+
+    assert fingerprint(num_cpus=1) == fingerprint()  # where replicas run is not what a row is
+    data = {**base, "teachers": [{**base["teachers"][0], "num_cpus": -1}]}
+    with pytest.raises(DatagenError, match=r"teachers\[0\]\.num_cpus"):
+        parse_job(data, where="job.yaml", base_dir=tmp_path)
+    # Counted before any actor starts: 3 replicas x 1 CPU cannot fit a 2-CPU local Ray.
+    data = {**base, "teachers": [{**base["teachers"][0], "num_cpus": 1, "replicas": 3}]}
+    job.write_text(yaml.safe_dump(data))
+    res = datagen("run", str(job))
+    assert res.returncode == 1 and "need 3 CPU" in res.stderr and "has 2" in res.stderr, res.stderr
