@@ -1,6 +1,7 @@
 """Any OpenAI-compatible chat endpoint, through the official ``openai`` async client.
 
-Flow control is a ``Limiter`` per replica (``ratelimit.py``): adaptive concurrency,
+Flow control is a ``Limiter`` per replica, holding its share of the teacher's budgets
+(``ratelimit.py``, ``OpenAITeacher.for_replica``): adaptive concurrency,
 ``Retry-After`` pauses and request/token budgets, taken by every attempt. Every request
 is retried by tenacity (bounded attempts, jittered exponential back-off, ``Retry-After``
 honoured up to a cap), with the client's own retries switched off so there is exactly
