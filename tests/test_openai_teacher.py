@@ -289,3 +289,21 @@ def test_missing_key_env_is_a_clear_error(server, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR is not set"):
         teacher(server, api_key_env="NO_SUCH_KEY_VAR")
+
+
+def test_one_attempt_means_no_retry(server):
+    # The first attempt runs outside tenacity; a failure there still follows its policy.
+    server.inject("500", times=1)
+    [g] = ask(teacher(server, max_attempts=1), "hi")
+    assert g.error.startswith("teacher.http_500") and "after 1 attempts" in g.error
+    assert g.attempts == 1 and server.requests == 1
+
+
+def test_generation_dict_is_the_dataclass_fields():
+    import dataclasses
+
+    from datagen.teachers.base import Generation
+
+    g = Generation(row_id="r", text="x", token_ids=[1, 2], top_ids=[[1, 3], [2, 4]], top_logprobs=[[-0.1, -2.0]] * 2)
+    assert g.to_dict() == dataclasses.asdict(g)
+    assert list(g.to_dict()) == [f.name for f in dataclasses.fields(g)]
