@@ -243,6 +243,32 @@ def test_logprobs_with_token_ids(server):
     assert len(g.token_ids) == len(g.token_logprobs) == len(g.top_ids) == g.completion_tokens == 4
     assert all(len(ids) == 5 for ids in g.top_ids)
     assert all(lp[0] >= lp[-1] for lp in g.top_logprobs)
+    from datagen.testing.fake_openai import _tid
+
+    assert g.token_ids == [_tid(x) for x in ("echo:", " one", " two", " three")]
+    assert [ids[0] for ids in g.top_ids] == g.token_ids
+
+
+@pytest.mark.parametrize("bad", [None, "token_id:x", "hello", 7])
+def test_logprob_ids_are_all_or_nothing(bad):
+    # One entry without a usable id (and no tokenizer to map text) nulls the row's KD columns.
+    t = OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+        "name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+        "sampling": {"logprobs": 2}}))
+
+    def entry(name, lp):
+        return {"token": name, "logprob": lp, "bytes": None}
+
+    def response(second_top):
+        content = [{**entry("token_id:5", -0.1), "top_logprobs": [entry("token_id:5", -0.1), entry("token_id:9", -2)]},
+                   {**entry("token_id:6", -0.2), "top_logprobs": [entry("token_id:6", -0.2), entry(second_top, -3)]}]
+        return {"choices": [{"message": {"content": "ab"}, "finish_reason": "stop", "logprobs": {"content": content}}]}
+
+    g = t._parse("r", response("token_id:11"))
+    assert (g.token_ids, g.token_logprobs) == ([5, 6], [-0.1, -0.2])
+    assert (g.top_ids, g.top_logprobs) == ([[5, 9], [6, 11]], [[-0.1, -2.0], [-0.2, -3.0]])
+    g = t._parse("r", response(bad))
+    assert g.text == "ab" and g.token_ids is g.token_logprobs is g.top_ids is g.top_logprobs is None
 
 
 def test_max_tokens_truncation_reported(server):

@@ -143,6 +143,9 @@ class OpenAICompatibleTeacher:
                 )
         self._key = key  # only ever handed to the client; never logged, stored or repr'd
         self._tokens = TokenMap.load(cfg.tokenizer, teacher=cfg.name) if cfg.tokenizer else None
+        # The whole URL, as the client would join it: a relative one is parsed and joined
+        # to base_url again on every request (~5% of the client's CPU per request).
+        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self.limiter: Limiter | None = None
@@ -278,7 +281,7 @@ class OpenAICompatibleTeacher:
         # auth, time-outs and status -> exception mapping, but the typed path walks every
         # message through a TypedDict transform and builds pydantic models of the answer,
         # which was over half the CPU per request at hundreds of requests/s.
-        data = await self._client.post("/chat/completions", body=body, cast_to=object)
+        data = await self._client.post(self._url, body=body, cast_to=object)
         return self._parse(request["row_id"], data)
 
     def _parse(self, row_id: str, data: Any) -> Generation:
@@ -307,15 +310,29 @@ class OpenAICompatibleTeacher:
         if not content or not isinstance(content, list):
             return
         try:
-            ids = [self._id(c) for c in content]
-            tops = [[self._id(t) for t in c["top_logprobs"]] for c in content]
+            ids = self._ids(content)
+            tops = [self._ids(c["top_logprobs"]) for c in content]
             lps = [float(c["logprob"]) for c in content]
             top_lps = [[float(t["logprob"]) for t in c["top_logprobs"]] for c in content]
         except (KeyError, TypeError, ValueError):
             return
-        if any(i is None for i in ids) or any(i is None for t in tops for i in t):
+        if ids is None or any(t is None for t in tops):
             return
         g.token_ids, g.token_logprobs, g.top_ids, g.top_logprobs = ids, lps, tops, top_lps
+
+    def _ids(self, entries: list[dict[str, Any]]) -> list[int] | None:
+        """The token ids of one position's entries, or None if any has none. With k = 20
+        that is 21 entries per generated token, so vLLM's ``token_id:N`` names, the
+        common case, are read in one sweep; anything else goes entry by entry."""
+        names = [e["token"] for e in entries]
+        try:
+            ids = [int(n[9:]) for n in names if n[:9] == "token_id:"]
+            if len(ids) == len(names):
+                return ids
+        except (TypeError, ValueError):
+            pass
+        ids = [self._id(e) for e in entries]
+        return None if None in ids else ids
 
     def _id(self, entry: dict[str, Any]) -> int | None:
         token = entry["token"]
