@@ -179,10 +179,11 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
         wall = time.perf_counter() - t0
         cpu = {f"client ({len(pids)} proc)": cpu_of(pids) - c0, "driver": time.process_time() - d0,
                "Ray daemons": cpu_of(ray_pids) - r0, "fake server": cpu_seconds(server_pid) - s0}
-        states = ray.get([a.__ray_call__.remote(lambda self: (self.teacher.limiter.limit, dict(self.teacher.limiter.cuts)))
-                          for a in replicas])
-        limits = "final limits " + ", ".join(f"{lim:.0f}/{share.max_concurrency}" + (f" cuts {cuts}" if cuts else "")
-                                             for (lim, cuts), share in zip(states, map(cfg.for_replica, range(len(states)))))
+        states = ray.get([a.__ray_call__.remote(lambda self: (self.teacher.limiter.limit,
+                                                               dict(self.teacher.limiter.cuts))) for a in replicas])
+        limits = "final limits " + ", ".join(
+            f"{lim:.0f}/{cfg.for_replica(i).max_concurrency}" + (f" cuts {cuts}" if cuts else "")
+            for i, (lim, cuts) in enumerate(states))
     finally:
         if started:
             ray.shutdown()
