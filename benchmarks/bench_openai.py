@@ -94,6 +94,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> float:
+    """CPU seconds every process on the machine has used (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (Linux /proc)."""
     children: dict[int, list[int]] = {}
@@ -137,9 +144,10 @@ def requests_for(n: int, offset: int) -> list[dict]:
              "seed": offset + i} for i in range(n)]
 
 
-def report(args: argparse.Namespace, *, wall: float, errors: int, limits: str, cpu: dict[str, float]) -> None:
-    """The figures; ``cpu`` maps a process group's name to its CPU seconds over the run
-    (the first entry is the client)."""
+def report(args: argparse.Namespace, *, wall: float, errors: int, limits: str, cpu: dict[str, float],
+           busy: float) -> None:
+    """The figures; ``cpu`` maps a process group's name to its CPU seconds over the run,
+    ``busy`` is the whole machine's."""
     n, ideal = args.requests, args.inflight / args.latency
     print(f"requests            {n} ({errors} errors)")
     print(f"in flight (ceiling) {args.inflight} for the teacher, adaptive {'off' if args.fixed else 'on'}; {limits}")
@@ -149,6 +157,8 @@ def report(args: argparse.Namespace, *, wall: float, errors: int, limits: str, c
         print(f"{name + ' CPU':20s}{seconds / n * 1e3:.3f} ms/request ({seconds / wall:.0%} of a core)")
     print(f"{'all of it CPU':20s}{sum(cpu.values()) / n * 1e3:.3f} ms/request "
           f"({sum(cpu.values()) / wall:.0%} of a core)")
+    others = max(0.0, busy - sum(cpu.values()))
+    print(f"other processes     {others / wall:.0%} of a core during the run (a shared machine: not ours)")
     print(f"machine load (1 min) {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"requests/s          {n / wall:.0f}")
     print(f"ideal requests/s    {ideal:.0f}")
@@ -174,9 +184,9 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
         feed(actors, cfg, requests_for(2 * args.inflight, offset=10**9), args.batches)
         ray_pids = [p for p in descendants(os.getpid()) if p not in pids and p != server_pid]
         c0, d0, r0, s0 = cpu_of(pids), time.process_time(), cpu_of(ray_pids), cpu_seconds(server_pid)
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), machine_busy()
         errors = feed(actors, cfg, requests_for(args.requests, offset=0), args.batches)
-        wall = time.perf_counter() - t0
+        wall, busy = time.perf_counter() - t0, machine_busy() - m0
         cpu = {f"client ({len(pids)} proc)": cpu_of(pids) - c0, "driver": time.process_time() - d0,
                "Ray daemons": cpu_of(ray_pids) - r0, "fake server": cpu_seconds(server_pid) - s0}
         states = ray.get([a.__ray_call__.remote(lambda self: (self.teacher.limiter.limit,
@@ -188,7 +198,7 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
         if started:
             ray.shutdown()
     print(f"replicas            {args.replicas} Ray actors, batches of {cfg.batch_size}, {args.batches} per actor")
-    report(args, wall=wall, errors=errors, limits=limits, cpu=cpu)
+    report(args, wall=wall, errors=errors, limits=limits, cpu=cpu, busy=busy)
 
 
 def feed(actors, cfg: OpenAITeacher, reqs: list[dict], slots: int) -> int:
@@ -216,15 +226,15 @@ async def bench(args: argparse.Namespace, url: str, server_pid: int) -> None:
     teacher = OpenAICompatibleTeacher(cfg)
     try:
         await drive(teacher, 2 * args.inflight, cfg.batch_size, args.batches, offset=10**9)
-        t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
+        t0, c0, s0, m0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid), machine_busy()
         errors = await drive(teacher, args.requests, cfg.batch_size, args.batches, offset=0)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall, cpu, busy = time.perf_counter() - t0, time.process_time() - c0, machine_busy() - m0
         server_cpu = cpu_seconds(server_pid) - s0
     finally:
         await teacher.aclose()
     lim = teacher.limiter
     print(f"replicas            0: one teacher in this process, batches of {cfg.batch_size}, {args.batches} at a time")
-    report(args, wall=wall, errors=errors, cpu={"client": cpu, "fake server": server_cpu},
+    report(args, wall=wall, errors=errors, cpu={"client": cpu, "fake server": server_cpu}, busy=busy,
            limits=f"final limit {lim.limit:.0f}, cuts {dict(lim.cuts) or 'none'}")
 
 
