@@ -1,26 +1,34 @@
 """OpenAI backend throughput against the fake server, as a fraction of the ideal.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_openai.py                 # 256 in flight, 100 ms
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_openai.py --requests 5000 --fixed
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_openai.py --replicas 1    # one teacher process
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_openai.py --replicas 0 --layers 2000
 
 The fake server (``datagen.testing.fake_openai``) runs in its own process and answers
-every request after ``--latency`` seconds. One ``OpenAICompatibleTeacher`` (one replica,
-``max_concurrency`` = ``--inflight``) is fed as the runner feeds an actor: batches of
-``--batch-size`` rows, ``--batches`` of them outstanding at a time. With ``L`` seconds
-per request and ``C`` in flight, no client can beat ``C / L`` requests/s; the figure
-printed is measured requests/s divided by that ideal (target >= 0.90 on 2 cores).
+every request after ``--latency`` seconds. With ``L`` seconds per request and ``C`` in
+flight, no client can beat ``C / L`` requests/s; the figure printed is measured
+requests/s divided by that ideal (issue 3 (b): target >= 0.90 on 2 cores).
 
-The client runs on uvloop when it is installed, as Ray's async actors do.
+The teacher is deployed as ``datagen run`` deploys it: ``--replicas`` Ray actors (default:
+one per core) through the runner's own ``_Actors`` and ``TeacherActor``, each with its
+share of the teacher's ``max_concurrency`` = ``--inflight`` (``OpenAITeacher.for_replica``),
+fed as the runner feeds them: batches of ``--batch-size`` rows (default: one replica's
+share of the in-flight ceiling), at most ``--batches`` (``runtime.inflight_per_actor``)
+outstanding per actor, each sent to the least-loaded actor. ``--replicas 0`` runs one
+teacher in this process, without Ray: the client alone (uvloop when installed, as Ray's
+async actors use).
+
 A warm-up of ``2 x --inflight`` requests runs first (untimed): it opens the connections
-and, with adaptive concurrency on (the default), lets the limiter ramp from its slow
-start to the ceiling. ``--fixed`` turns adaptive concurrency off instead. Figures only,
-no assertions.
+and, with adaptive concurrency on (the default), lets each limiter ramp from its slow
+start to its ceiling. ``--fixed`` turns adaptive concurrency off instead. CPU is read
+from /proc per process: the teacher processes (the client), this driver, Ray's own
+processes (GCS, raylet, idle workers) and the fake server. Figures only, no assertions.
 
 Then (``--layers``) the client's CPU per request, layer by layer, against an instant
-server: aiohttp alone, the openai client's generic ``post``, its typed
+server in this process: aiohttp alone, the openai client's generic ``post``, its typed
 ``chat.completions.create``, and datagen's whole teacher. On 2 cores the ideal needs
-the client to spend under ~0.4 ms of CPU per request (the server needs some too);
-these lines show which layer decides whether that is possible.
+every process together to spend under ~0.87 ms of CPU per request (2 cores / 2304
+requests/s); these lines show which layer decides whether that is possible.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datagen.config import OpenAITeacher  # noqa: E402
+from datagen.teachers import _collect_less  # noqa: E402
 from datagen.teachers.openai_api import OpenAICompatibleTeacher  # noqa: E402
 
 
@@ -66,8 +75,7 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 
 async def drive(teacher: OpenAICompatibleTeacher, n: int, batch_size: int, batches: int, offset: int) -> int:
     """Keep ``batches`` generate() calls of ``batch_size`` rows outstanding, like the runner."""
-    reqs = [{"row_id": f"r{offset + i}", "messages": [{"role": "user", "content": f"order {offset + i} for a lamp"}],
-             "seed": offset + i} for i in range(n)]
+    reqs = requests_for(n, offset)
     chunks = [reqs[i:i + batch_size] for i in range(0, n, batch_size)]
     errors = 0
     pending: set[asyncio.Task] = set()
@@ -86,35 +94,148 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def bench(args: argparse.Namespace, url: str, server_pid: int) -> None:
-    cfg = OpenAITeacher.model_validate({
-        "name": "bench", "backend": "openai", "model": "fake", "base_url": url,
+def machine_busy() -> float:
+    """CPU seconds every process on the machine has used (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            pass
+    return total
+
+
+def teacher_config(args: argparse.Namespace, url: str, replicas: int) -> OpenAITeacher:
+    return OpenAITeacher.model_validate({
+        "name": "bench", "backend": "openai", "model": "fake", "base_url": url, "replicas": replicas,
         "max_concurrency": args.inflight, "adaptive_concurrency": not args.fixed, "timeout_s": 30,
+        "batch_size": args.batch_size or -(-args.inflight // max(1, replicas)),
         "sampling": {"temperature": 0.0, "max_tokens": 32},
     })
+
+
+def requests_for(n: int, offset: int) -> list[dict]:
+    return [{"row_id": f"r{offset + i}", "messages": [{"role": "user", "content": f"order {offset + i} for a lamp"}],
+             "seed": offset + i} for i in range(n)]
+
+
+def report(args: argparse.Namespace, *, wall: float, errors: int, limits: str, cpu: dict[str, float],
+           busy: float) -> None:
+    """The figures; ``cpu`` maps a process group's name to its CPU seconds over the run,
+    ``busy`` is the whole machine's."""
+    n, ideal = args.requests, args.inflight / args.latency
+    print(f"requests            {n} ({errors} errors)")
+    print(f"in flight (ceiling) {args.inflight} for the teacher, adaptive {'off' if args.fixed else 'on'}; {limits}")
+    print(f"server latency      {args.latency * 1000:.0f} ms")
+    print(f"wall                {wall:.2f} s")
+    for name, seconds in cpu.items():
+        print(f"{name + ' CPU':20s}{seconds / n * 1e3:.3f} ms/request ({seconds / wall:.0%} of a core)")
+    print(f"{'all of it CPU':20s}{sum(cpu.values()) / n * 1e3:.3f} ms/request "
+          f"({sum(cpu.values()) / wall:.0%} of a core)")
+    others = max(0.0, busy - sum(cpu.values()))
+    print(f"other processes     {others / wall:.0%} of a core during the run (a shared machine: not ours)")
+    print(f"machine load (1 min) {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"requests/s          {n / wall:.0f}")
+    print(f"ideal requests/s    {ideal:.0f}")
+    print(f"ratio               {n / wall / ideal:.3f}")
+
+
+def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
+    """The teacher as ``datagen run`` deploys it: Ray actors fed batches by a driver loop."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from datagen.config import Runtime
+    from datagen.runner import _Actors, init_ray
+
+    cfg = teacher_config(args, url, args.replicas)
+    started = init_ray(Runtime(num_cpus=os.cpu_count()))
+    try:
+        actors = _Actors(SimpleNamespace(teachers=[cfg]))
+        actors.wait_started(300, lambda: False)
+        replicas = actors.by_teacher[cfg.name]
+        pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in replicas])
+        feed(actors, cfg, requests_for(2 * args.inflight, offset=10**9), args.batches)
+        ray_pids = [p for p in descendants(os.getpid()) if p not in pids and p != server_pid]
+        c0, d0, r0, s0 = cpu_of(pids), time.process_time(), cpu_of(ray_pids), cpu_seconds(server_pid)
+        t0, m0 = time.perf_counter(), machine_busy()
+        errors = feed(actors, cfg, requests_for(args.requests, offset=0), args.batches)
+        wall, busy = time.perf_counter() - t0, machine_busy() - m0
+        cpu = {f"client ({len(pids)} proc)": cpu_of(pids) - c0, "driver": time.process_time() - d0,
+               "Ray daemons": cpu_of(ray_pids) - r0, "fake server": cpu_seconds(server_pid) - s0}
+        states = ray.get([a.__ray_call__.remote(lambda self: (self.teacher.limiter.limit,
+                                                               dict(self.teacher.limiter.cuts))) for a in replicas])
+        limits = "final limits " + ", ".join(
+            f"{lim:.0f}/{cfg.for_replica(i).max_concurrency}" + (f" cuts {cuts}" if cuts else "")
+            for i, (lim, cuts) in enumerate(states))
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"replicas            {args.replicas} Ray actors, batches of {cfg.batch_size}, {args.batches} per actor")
+    report(args, wall=wall, errors=errors, limits=limits, cpu=cpu, busy=busy)
+
+
+def feed(actors, cfg: OpenAITeacher, reqs: list[dict], slots: int) -> int:
+    """The runner's dispatch (``runner._drive``): a batch goes to the least-loaded actor
+    with a free slot; wait for any batch; repeat. Returns the rows that came back failed."""
+    import ray
+
+    chunks = [reqs[i:i + cfg.batch_size] for i in range(0, len(reqs), cfg.batch_size)]
+    inflight: dict = {}
+    errors = 0
+    while chunks or inflight:
+        while chunks and (actor := actors.free(cfg.name, slots)) is not None:
+            inflight[actor.generate.remote(chunks.pop(0))] = actor
+            actors.load[actor] += 1
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in done:
+            actors.load[inflight.pop(ref)] -= 1
+            errors += sum(g["error"] is not None for g in ray.get(ref))
+    return errors
+
+
+async def bench(args: argparse.Namespace, url: str, server_pid: int) -> None:
+    """One teacher in this process, without Ray: the client alone."""
+    cfg = teacher_config(args, url, 1)
     teacher = OpenAICompatibleTeacher(cfg)
     try:
-        await drive(teacher, 2 * args.inflight, args.batch_size, args.batches, offset=10**9)
-        t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
-        errors = await drive(teacher, args.requests, args.batch_size, args.batches, offset=0)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        await drive(teacher, 2 * args.inflight, cfg.batch_size, args.batches, offset=10**9)
+        t0, c0, s0, m0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid), machine_busy()
+        errors = await drive(teacher, args.requests, cfg.batch_size, args.batches, offset=0)
+        wall, cpu, busy = time.perf_counter() - t0, time.process_time() - c0, machine_busy() - m0
         server_cpu = cpu_seconds(server_pid) - s0
     finally:
         await teacher.aclose()
-    ideal = args.inflight / args.latency
-    rate = args.requests / wall
     lim = teacher.limiter
-    print(f"requests            {args.requests} ({errors} errors)")
-    print(f"in flight (ceiling) {args.inflight}, adaptive {'off' if args.fixed else 'on'}, "
-          f"final limit {lim.limit:.0f}, cuts {dict(lim.cuts) or 'none'}")
-    print(f"server latency      {args.latency * 1000:.0f} ms")
-    print(f"wall                {wall:.2f} s")
-    print(f"client CPU          {cpu / args.requests * 1e3:.3f} ms/request ({cpu / wall:.0%} of a core)")
-    print(f"fake server CPU     {server_cpu / args.requests * 1e3:.3f} ms/request ({server_cpu / wall:.0%} of a core)")
-    print(f"machine load (1 min) {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    print(f"requests/s          {rate:.0f}")
-    print(f"ideal requests/s    {ideal:.0f}")
-    print(f"ratio               {rate / ideal:.3f}")
+    print(f"replicas            0: one teacher in this process, batches of {cfg.batch_size}, {args.batches} at a time")
+    report(args, wall=wall, errors=errors, cpu={"client": cpu, "fake server": server_cpu}, busy=busy,
+           limits=f"final limit {lim.limit:.0f}, cuts {dict(lim.cuts) or 'none'}")
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -158,8 +279,8 @@ async def layers(url: str, n: int) -> None:
     client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
                                 http_client=openai.DefaultAioHttpClient(limits=limits))
 
-    async def post():
-        await client.post("/chat/completions", body=body, cast_to=object)
+    async def post():  # the whole URL, as datagen's teacher calls it
+        await client.post(url + "/chat/completions", body=body, cast_to=object)
 
     async def create():
         await client.chat.completions.create(**body)
@@ -187,20 +308,26 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--inflight", type=int, default=256)
     p.add_argument("--latency", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=os.cpu_count(),
+                   help="teacher Ray actors (default: one per core); 0: one teacher in this process, no Ray")
+    p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: in-flight share of a replica)")
+    p.add_argument("--batches", type=int, default=2, help="batches outstanding per actor (runtime.inflight_per_actor)")
     p.add_argument("--fixed", action="store_true", help="adaptive concurrency off")
     p.add_argument("--layers", type=int, default=3000, metavar="N",
                    help="then time N requests per client layer against an instant server (0: skip)")
     args = p.parse_args()
+    _collect_less()  # the teacher actor's garbage-collector settings, for the in-process figures too
     proc, url = start_server(args.latency)
     try:
-        loop = new_loop()
-        print(f"event loop          {type(loop).__module__}.{type(loop).__name__}")
-        try:
-            loop.run_until_complete(bench(args, url, proc.pid))
-        finally:
-            loop.close()
+        if args.replicas:
+            bench_replicas(args, url, proc.pid)
+        else:
+            loop = new_loop()
+            print(f"event loop          {type(loop).__module__}.{type(loop).__name__}")
+            try:
+                loop.run_until_complete(bench(args, url, proc.pid))
+            finally:
+                loop.close()
     finally:
         proc.terminate()
         proc.wait(10)

@@ -106,6 +106,17 @@ class _TeacherBase(Strict):
         None, description="USD per 1M input/output tokens: fills each row's usage.cost_usd and the run's cost"
     )
 
+    def for_replica(self, index: int) -> _TeacherBase:
+        """The config replica ``index`` of ``replicas`` runs with (the same, unless a
+        backend splits a teacher-wide budget)."""
+        return self
+
+
+def even_share(total: int, parts: int, index: int) -> int:
+    """Part ``index`` of ``total`` split into ``parts`` integers that differ by at most one
+    (the remainder goes to the first parts) and sum to ``total``."""
+    return total // parts + (1 if index < total % parts else 0)
+
 
 class VLLMTeacher(_TeacherBase):
     backend: Literal["vllm"]
@@ -133,9 +144,12 @@ class OpenAITeacher(_TeacherBase):
         None, description="name of the environment variable holding the key (never the key)"
     )
     max_concurrency: int = Field(
-        8, ge=1, le=4096, description="most requests in flight per replica (the adaptive limit's ceiling)"
+        8, ge=1, le=4096, description="most requests in flight for the whole teacher (the adaptive limit's "
+        "ceiling), split evenly over its replicas"
     )
-    min_concurrency: int = Field(1, ge=1, le=4096, description="the adaptive limit's floor")
+    min_concurrency: int = Field(
+        1, ge=1, le=4096, description="the adaptive limit's floor for the whole teacher, split like max_concurrency"
+    )
     adaptive_concurrency: bool = Field(
         True, description="start low and ramp up; back off on 429/503/time-outs and on rising latency "
         "(see datagen/teachers/ratelimit.py); false keeps max_concurrency in flight"
@@ -145,11 +159,12 @@ class OpenAITeacher(_TeacherBase):
         "baseline; null: back off on 429/503/time-outs only"
     )
     requests_per_minute: float | None = Field(
-        None, gt=0.0, le=1e7, description="request budget per replica (paced, not bursted); null: none"
+        None, gt=0.0, le=1e7, description="request budget of the whole teacher (one API key), split evenly over its "
+        "replicas; paced, not bursted; null: none"
     )
     tokens_per_minute: int | None = Field(
-        None, ge=1, le=10**10, description="token budget per replica; a request counts prompt chars/4 + "
-        "max_tokens until the server reports its usage; null: none"
+        None, ge=1, le=10**10, description="token budget of the whole teacher, split like requests_per_minute; a "
+        "request counts prompt chars/4 + max_tokens until the server reports its usage; null: none"
     )
     timeout_s: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(4, ge=1, le=20, description="tries per request, first one included")
@@ -165,6 +180,32 @@ class OpenAITeacher(_TeacherBase):
         0.0, ge=0.0, description="CPUs Ray reserves per replica. 0 places replicas anywhere, the head "
         "included; on a cluster whose head has no CPUs, 1 keeps them on worker nodes"
     )
+
+    @field_validator("max_concurrency", "tokens_per_minute")
+    @classmethod
+    def _a_share_for_every_replica(cls, v: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("replicas", 1)
+        if v is not None and v < replicas:
+            raise ValueError(f"must be at least replicas ({replicas}): it is the whole teacher's, "
+                             "split over its replicas, and each needs 1")
+        return v
+
+    def for_replica(self, index: int) -> OpenAITeacher:
+        """Replica ``index``'s share of the teacher's flow control: a provider's limits are
+        per key, so ``replicas`` processes split them evenly and statically (integers:
+        the remainder goes to the first replicas; every share at least 1). The share is a
+        one-replica config."""
+        n = self.replicas
+        if n == 1:
+            return self
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        return self.model_copy(update={
+            "replicas": 1,
+            "max_concurrency": even_share(self.max_concurrency, n, index),
+            "min_concurrency": max(1, even_share(self.min_concurrency, n, index)),
+            "requests_per_minute": rpm / n if rpm is not None else None,
+            "tokens_per_minute": even_share(tpm, n, index) if tpm is not None else None,
+        })
 
     @field_validator("min_concurrency")
     @classmethod

@@ -194,8 +194,9 @@ class _Actors:
         self.groups: list[Any] = []  # placement groups this run made, removed by close()
         self.liveness = Liveness()
         for t in job.teachers:
-            actors = [remote.options(**self._options(t)).remote(t.model_dump(mode="json"))
-                      for _ in range(t.replicas)]
+            # Each replica gets its share of a teacher-wide budget (OpenAITeacher.for_replica).
+            actors = [remote.options(**self._options(t)).remote(t.for_replica(i).model_dump(mode="json"))
+                      for i in range(t.replicas)]
             self.by_teacher[t.name] = actors
             for a in actors:
                 self.load[a] = 0

@@ -243,6 +243,32 @@ def test_logprobs_with_token_ids(server):
     assert len(g.token_ids) == len(g.token_logprobs) == len(g.top_ids) == g.completion_tokens == 4
     assert all(len(ids) == 5 for ids in g.top_ids)
     assert all(lp[0] >= lp[-1] for lp in g.top_logprobs)
+    from datagen.testing.fake_openai import _tid
+
+    assert g.token_ids == [_tid(x) for x in ("echo:", " one", " two", " three")]
+    assert [ids[0] for ids in g.top_ids] == g.token_ids
+
+
+@pytest.mark.parametrize("bad", [None, "token_id:x", "hello", 7])
+def test_logprob_ids_are_all_or_nothing(bad):
+    # One entry without a usable id (and no tokenizer to map text) nulls the row's KD columns.
+    t = OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+        "name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+        "sampling": {"logprobs": 2}}))
+
+    def entry(name, lp):
+        return {"token": name, "logprob": lp, "bytes": None}
+
+    def response(second_top):
+        content = [{**entry("token_id:5", -0.1), "top_logprobs": [entry("token_id:5", -0.1), entry("token_id:9", -2)]},
+                   {**entry("token_id:6", -0.2), "top_logprobs": [entry("token_id:6", -0.2), entry(second_top, -3)]}]
+        return {"choices": [{"message": {"content": "ab"}, "finish_reason": "stop", "logprobs": {"content": content}}]}
+
+    g = t._parse("r", response("token_id:11"))
+    assert (g.token_ids, g.token_logprobs) == ([5, 6], [-0.1, -0.2])
+    assert (g.top_ids, g.top_logprobs) == ([[5, 9], [6, 11]], [[-0.1, -2.0], [-0.2, -3.0]])
+    g = t._parse("r", response(bad))
+    assert g.text == "ab" and g.token_ids is g.token_logprobs is g.top_ids is g.top_logprobs is None
 
 
 def test_max_tokens_truncation_reported(server):
@@ -289,3 +315,21 @@ def test_missing_key_env_is_a_clear_error(server, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR is not set"):
         teacher(server, api_key_env="NO_SUCH_KEY_VAR")
+
+
+def test_one_attempt_means_no_retry(server):
+    # The first attempt runs outside tenacity; a failure there still follows its policy.
+    server.inject("500", times=1)
+    [g] = ask(teacher(server, max_attempts=1), "hi")
+    assert g.error.startswith("teacher.http_500") and "after 1 attempts" in g.error
+    assert g.attempts == 1 and server.requests == 1
+
+
+def test_generation_dict_is_the_dataclass_fields():
+    import dataclasses
+
+    from datagen.teachers.base import Generation
+
+    g = Generation(row_id="r", text="x", token_ids=[1, 2], top_ids=[[1, 3], [2, 4]], top_logprobs=[[-0.1, -2.0]] * 2)
+    assert g.to_dict() == dataclasses.asdict(g)
+    assert list(g.to_dict()) == [f.name for f in dataclasses.fields(g)]

@@ -10,7 +10,7 @@ itself (engine crash, dead actor) raises, and Ray restarts the actor and retries
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -30,7 +30,9 @@ class Generation:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: the lists are this generation's own. ``asdict`` copied every element of
+        # the logprob lists, one call per float.
+        return dict(self.__dict__)
 
 
 class Teacher(Protocol):

@@ -1,6 +1,7 @@
 """Any OpenAI-compatible chat endpoint, through the official ``openai`` async client.
 
-Flow control is a ``Limiter`` per replica (``ratelimit.py``): adaptive concurrency,
+Flow control is a ``Limiter`` per replica, holding its share of the teacher's budgets
+(``ratelimit.py``, ``OpenAITeacher.for_replica``): adaptive concurrency,
 ``Retry-After`` pauses and request/token budgets, taken by every attempt. Every request
 is retried by tenacity (bounded attempts, jittered exponential back-off, ``Retry-After``
 honoured up to a cap), with the client's own retries switched off so there is exactly
@@ -142,6 +143,9 @@ class OpenAICompatibleTeacher:
                 )
         self._key = key  # only ever handed to the client; never logged, stored or repr'd
         self._tokens = TokenMap.load(cfg.tokenizer, teacher=cfg.name) if cfg.tokenizer else None
+        # The whole URL, as the client would join it: a relative one is parsed and joined
+        # to base_url again on every request (~5% of the client's CPU per request).
+        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self.limiter: Limiter | None = None
@@ -211,18 +215,29 @@ class OpenAICompatibleTeacher:
 
     async def _one(self, request: dict[str, Any]) -> Generation:
         start = time.perf_counter()
-        attempts = 0
+        attempts = 1
         estimate = self._estimate_tokens(request) if self.cfg.tokens_per_minute else 0
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.cfg.max_attempts),
-                wait=_Wait(),
-                retry=retry_if_exception(_retryable),
-                reraise=True,
-            ):
-                with attempt:
-                    attempts += 1
-                    gen = await self._attempt(request, estimate)
+            try:
+                gen = await self._attempt(request, estimate)
+            except Exception as first:  # noqa: BLE001 - tenacity decides below
+                # Most requests succeed at once, and tenacity's per-attempt machinery cost
+                # ~7% of the client's CPU, so it starts at the first failure: it is handed
+                # that failure as its attempt 1 and owns the whole policy from there (stop,
+                # wait, Retry-After, what is retryable).
+                replay: BaseException | None = first
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(self.cfg.max_attempts),
+                    wait=_Wait(),
+                    retry=retry_if_exception(_retryable),
+                    reraise=True,
+                ):
+                    with attempt:
+                        if replay is not None:
+                            failed, replay = replay, None
+                            raise failed
+                        attempts += 1
+                        gen = await self._attempt(request, estimate)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reasoned row
             return Generation(
                 row_id=request["row_id"], attempts=attempts,
@@ -266,7 +281,7 @@ class OpenAICompatibleTeacher:
         # auth, time-outs and status -> exception mapping, but the typed path walks every
         # message through a TypedDict transform and builds pydantic models of the answer,
         # which was over half the CPU per request at hundreds of requests/s.
-        data = await self._client.post("/chat/completions", body=body, cast_to=object)
+        data = await self._client.post(self._url, body=body, cast_to=object)
         return self._parse(request["row_id"], data)
 
     def _parse(self, row_id: str, data: Any) -> Generation:
@@ -295,15 +310,29 @@ class OpenAICompatibleTeacher:
         if not content or not isinstance(content, list):
             return
         try:
-            ids = [self._id(c) for c in content]
-            tops = [[self._id(t) for t in c["top_logprobs"]] for c in content]
+            ids = self._ids(content)
+            tops = [self._ids(c["top_logprobs"]) for c in content]
             lps = [float(c["logprob"]) for c in content]
             top_lps = [[float(t["logprob"]) for t in c["top_logprobs"]] for c in content]
         except (KeyError, TypeError, ValueError):
             return
-        if any(i is None for i in ids) or any(i is None for t in tops for i in t):
+        if ids is None or any(t is None for t in tops):
             return
         g.token_ids, g.token_logprobs, g.top_ids, g.top_logprobs = ids, lps, tops, top_lps
+
+    def _ids(self, entries: list[dict[str, Any]]) -> list[int] | None:
+        """The token ids of one position's entries, or None if any has none. With k = 20
+        that is 21 entries per generated token, so vLLM's ``token_id:N`` names, the
+        common case, are read in one sweep; anything else goes entry by entry."""
+        names = [e["token"] for e in entries]
+        try:
+            ids = [int(n[9:]) for n in names if n[:9] == "token_id:"]
+            if len(ids) == len(names):
+                return ids
+        except (TypeError, ValueError):
+            pass
+        ids = [self._id(e) for e in entries]
+        return None if None in ids else ids
 
     def _id(self, entry: dict[str, Any]) -> int | None:
         token = entry["token"]

@@ -1,5 +1,7 @@
 """Client-side flow control for one teacher replica: request and token budgets, and
-adaptive concurrency.
+adaptive concurrency. A teacher's budgets and concurrency are set for the whole teacher
+(one API key); each of its ``replicas`` gets an even, static share
+(``OpenAITeacher.for_replica``), and its ``Limiter`` enforces that share.
 
 Every HTTP attempt (retries included) takes a ticket from a ``Limiter`` before it is
 sent and hands it back with what happened. Three things can hold an attempt back:
@@ -27,8 +29,11 @@ sent and hands it back with what happened. Three things can hold an attempt back
   bigger than the bucket still passes once the bucket is full, and leaves it in debt.
 
 Not covered:
-- budgets are per replica (``N`` replicas may spend ``N`` times the budget; divide it
-  in the job file);
+- the split between replicas is static: a replica whose share is idle does not lend
+  it to a busy one, and each replica's bucket holds one second of its own share (at
+  least one request), so a tiny budget over many replicas bursts a little more;
+- a judge filter that grades with the teacher runs its own client per filter actor,
+  with the whole teacher's budget;
 - the latency baseline is the lowest smoothed latency seen, creeping up by 0.1% a
   request so that a server that is simply slower now (longer prompts or answers)
   becomes the new normal instead of pinning the limit low; until it has crept up,
