@@ -28,7 +28,8 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
 check pacing.
 
-Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``.
+Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``
+(``--answer package.module:function`` picks the answer function; default: echo).
 """
 
 from __future__ import annotations
@@ -315,14 +316,25 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+def _import(target: str) -> Callable[[list[dict[str, str]]], str]:
+    import importlib
+
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SystemExit(f"--answer {target}: cannot import it ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--fault", action="append", default=[], metavar="KIND[:TIMES]",
                    help="queue a fault (repeatable); TIMES omitted means forever")
     p.add_argument("--latency", type=float, default=0.0, help="answer every request after this many seconds")
+    p.add_argument("--answer", metavar="MODULE:FUNCTION", help="messages -> answer text (default: echo)")
     args = p.parse_args(argv)
-    server = FakeOpenAIServer(port=args.port)
+    server = FakeOpenAIServer(port=args.port, answer=_import(args.answer) if args.answer else echo_answer)
     for spec in args.fault:
         kind, _, times = spec.partition(":")
         server.inject(kind, times=int(times) if times else None)
