@@ -119,13 +119,15 @@ def write_job(d: Path, rows: int, base_url: str) -> Path:
 
 class Sampler(threading.Thread):
     """Every ``every`` s while the run lasts: peak PSS of the driver's descendants (Ray),
-    and, every ``report`` s, a progress line from the run's metrics file."""
+    CPU seconds by process kind, and, every ``report`` s, a progress line from the run's
+    metrics file."""
 
     def __init__(self, out: Path, every: float = 2.0, report: float = 30.0):
         super().__init__(daemon=True)
         self.out, self.every, self.report = out, every, report
         self.pid: int | None = None
         self.peak_ray_mb = 0.0
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds when last seen)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -136,14 +138,19 @@ class Sampler(threading.Thread):
             if self.pid is None:
                 continue
             try:
-                kids = psutil.Process(self.pid).children(recursive=True)
+                driver = psutil.Process(self.pid)
+                procs = [driver, *driver.children(recursive=True)]
             except psutil.Error:
                 continue
             total = 0
-            for k in kids:
+            for k in procs:
                 try:
-                    mem = k.memory_full_info()
-                    total += getattr(mem, "pss", mem.rss)
+                    with k.oneshot():
+                        t = k.cpu_times()
+                        self.cpu[k.pid] = (_kind(k, self.pid), t.user + t.system)
+                        if k.pid != self.pid:
+                            mem = k.memory_full_info()
+                            total += getattr(mem, "pss", mem.rss)
                 except psutil.Error:
                     pass
             self.peak_ray_mb = max(self.peak_ray_mb, total / 2**20)
@@ -152,6 +159,31 @@ class Sampler(threading.Thread):
                 line = last_metrics(self.out)
                 if line:
                     print(f"  [{line['elapsed_s']:7.1f} s] " + progress_text(line), file=sys.stderr, flush=True)
+
+
+def _kind(proc, driver_pid: int) -> str:
+    """What a process is: the driver, a Ray actor by class (its title), or Ray's own."""
+    if proc.pid == driver_pid:
+        return "driver (datagen run)"
+    cmd = proc.cmdline()
+    title = cmd[0] if cmd else proc.name()
+    if title.startswith("ray::"):
+        return title.split(".")[0].split()[0]
+    return proc.name()
+
+
+def cpu_by_kind(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for kind, secs in cpu.values():
+        out[kind] = out.get(kind, 0.0) + secs
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def last_metrics(out: Path) -> dict | None:
@@ -193,6 +225,7 @@ def bench_size(rows: int, base_url: str, keep: Path | None, every: float) -> dic
             print(err[-3000:], file=sys.stderr)
         final = last_metrics(d / "out")
         return {"rows": rows, "wall": wall, "driver_mb": driver_mb, "ray_mb": sampler.peak_ray_mb,
+                "cpu": cpu_by_kind(sampler.cpu),
                 "figures": figures, "metrics": final, "dir": d}
     finally:
         if keep is None:
@@ -216,7 +249,9 @@ def main() -> None:
         for rows in sorted(args.rows):
             print(f"## {rows} rows (diversify -> fake teacher, latency {args.latency:g} s -> filters -> "
                   "streaming dedupe -> shards)", flush=True)
+            before = _cpu_seconds(server.pid)
             r = bench_size(rows, url, args.keep, args.every)
+            r["cpu"]["fake server (not part of datagen)"] = _cpu_seconds(server.pid) - before
             results.append(r)
             print(r["figures"])
             rate = rows / r["wall"]
@@ -226,6 +261,8 @@ def main() -> None:
             print(f"driver peak RSS    {r['driver_mb']:8.0f} MB  (target <= {TARGET_DRIVER_MB} MB: "
                   f"{'met' if r['driver_mb'] <= TARGET_DRIVER_MB else 'MISSED'})")
             print(f"Ray peak PSS       {r['ray_mb']:8.0f} MB  (GCS, raylet, workers; sampled every 2 s)")
+            print("CPU seconds        " + ", ".join(f"{k} {v:.0f}" for k, v in r["cpu"].items() if v >= 0.5)
+                  + "  (last sample before each process ended)")
             if r["metrics"]:
                 print("stages at the end: " + progress_text(r["metrics"]))
             if args.keep:

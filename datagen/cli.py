@@ -52,6 +52,8 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         for line in prompt_lines:
             out.print(line, soft_wrap=True, highlight=False)
         out.print(where_line(store), soft_wrap=True, highlight=False)
+    if stats.metrics is not None and stats.metrics.log.problem:
+        warn.print(f"note: {stats.metrics.log.problem} (the run's rows are not affected)", soft_wrap=True)
     if stats.interrupted:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
                    style="yellow", soft_wrap=True)
