@@ -413,8 +413,9 @@ def _start_dedupe(job: Job, store: ShardStore):
     from datagen.dedupe_stream import StreamingDedupe
 
     dedup = StreamingDedupe(job.dedupe)
-    for row in store.iter_rows("accepted"):
-        dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
+    for table in store.iter_tables("accepted", columns=["row_id", "messages", "response"]):
+        for row in table.to_pylist():
+            dedup.add(row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on))
     dedup.flush()
     return dedup
 
