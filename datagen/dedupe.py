@@ -117,7 +117,7 @@ def write_view(store: ShardStore, roots: dict[str, str], cfg: Dedupe, *, dest: P
     if replace and target.exists():
         shutil.rmtree(target)
     with build_store(target, view_meta) as view:
-        for table in store.iter_tables("accepted", batch_rows=8192):  # Arrow through: no dict per row
+        for table in store.iter_tables("accepted"):  # Arrow through: no dict per row
             rids = table.column("row_id").to_pylist()
             keep = [roots.get(rid) == rid for rid in rids]
             if not any(keep):
