@@ -19,7 +19,7 @@ everything a production job has:
 
 Printed per size: wall time of the command (Ray start and prompt planning included), rows/s,
 the driver's peak RSS (``os.wait4`` on the ``datagen run`` process: its own figure, not Ray's),
-the peak total PSS of its descendants (Ray's GCS, raylet and workers, sampled every 2 s),
+the peak total PSS of its descendants (Ray's GCS, raylet and workers, sampled every 5 s),
 and the run's own per-stage figures from ``OUT/metrics.jsonl``. At the end: the time ratio
 between the largest and the smallest size. Targets (issue 8, 2 cores) are printed beside the
 figures: 500k rows in <= 15 min, driver RSS <= 1.5 GB, time(500k) / time(100k) <= 5.5.
@@ -122,7 +122,7 @@ class Sampler(threading.Thread):
     CPU seconds by process kind, and, every ``report`` s, a progress line from the run's
     metrics file."""
 
-    def __init__(self, out: Path, every: float = 2.0, report: float = 30.0):
+    def __init__(self, out: Path, every: float = 5.0, report: float = 30.0):
         super().__init__(daemon=True)
         self.out, self.every, self.report = out, every, report
         self.pid: int | None = None
@@ -260,7 +260,7 @@ def main() -> None:
                 print(f"  target 500k in <= {TARGET_SECONDS_500K} s: {'met' if r['wall'] <= TARGET_SECONDS_500K else 'MISSED'}")
             print(f"driver peak RSS    {r['driver_mb']:8.0f} MB  (target <= {TARGET_DRIVER_MB} MB: "
                   f"{'met' if r['driver_mb'] <= TARGET_DRIVER_MB else 'MISSED'})")
-            print(f"Ray peak PSS       {r['ray_mb']:8.0f} MB  (GCS, raylet, workers; sampled every 2 s)")
+            print(f"Ray peak PSS       {r['ray_mb']:8.0f} MB  (GCS, raylet, workers; sampled every 5 s)")
             print("CPU seconds        " + ", ".join(f"{k} {v:.0f}" for k, v in r["cpu"].items() if v >= 0.5)
                   + "  (last sample before each process ended)")
             if r["metrics"]:
