@@ -274,8 +274,10 @@ def main() -> None:
     if len(results) > 1:
         lo, hi = results[0], results[-1]
         ratio = hi["wall"] / lo["wall"]
+        verdict = ("met" if ratio <= TARGET_RATIO else "MISSED") if (lo["rows"], hi["rows"]) == (100_000, 500_000) \
+            else "judged at 100k -> 500k only"
         print(f"time({hi['rows']}) / time({lo['rows']}) = {ratio:.2f}  (rows x{hi['rows'] / lo['rows']:g}; "
-              f"target <= {TARGET_RATIO} for 500k/100k: {'met' if ratio <= TARGET_RATIO else 'MISSED'})")
+              f"target <= {TARGET_RATIO} for 500k/100k: {verdict})")
 
 
 if __name__ == "__main__":
