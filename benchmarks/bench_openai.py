@@ -56,12 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+def start_server(latency: float, *extra: str) -> tuple[subprocess.Popen, str]:
+    """The fake server in its own process (``extra``: more of its CLI arguments)."""
     port = free_port()
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "datagen.testing.fake_openai", "--port", str(port),
-                             "--latency", str(latency)], env=env, stdout=subprocess.DEVNULL)
+                             "--latency", str(latency), *extra], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(100):
         try:

@@ -116,11 +116,14 @@ def bench_pipeline(rows: int) -> None:
         print(f"command wall time (Ray start included): {wall:.1f} s; driver peak RSS {driver_mb:.0f} MB")
 
 
-def _run_measured(cmd: list[str]) -> tuple[str, str, float]:
+def _run_measured(cmd: list[str], on_start=None) -> tuple[str, str, float]:
     """Run ``cmd``; return its stdout, stderr and its own peak RSS in MB (wait4 gives the
-    child's figure alone: Ray's processes, its children, are not counted)."""
+    child's figure alone: Ray's processes, its children, are not counted). ``on_start``
+    gets the child's pid (for a sampler thread)."""
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, text=True)
+        if on_start is not None:
+            on_start(proc.pid)
         _, _, usage = os.wait4(proc.pid, 0)
         proc.returncode = 0
         fo.seek(0)

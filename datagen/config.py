@@ -368,6 +368,9 @@ class Runtime(Strict):
         1, ge=0, le=256, description="Ray actors running the filters beside generation; 0 runs them in the driver"
     )
     filter_num_cpus: float = Field(0.0, ge=0.0, description="CPUs Ray reserves per filter actor")
+    metrics_every_s: float = Field(
+        10.0, gt=0.0, description="seconds between two lines of OUT/metrics.jsonl (per-stage figures)"
+    )
 
 
 class Dedupe(Strict):

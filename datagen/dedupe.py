@@ -117,11 +117,15 @@ def write_view(store: ShardStore, roots: dict[str, str], cfg: Dedupe, *, dest: P
     if replace and target.exists():
         shutil.rmtree(target)
     with build_store(target, view_meta) as view:
-        for row in store.iter_rows("accepted"):
-            rid = row["row_id"]
-            if roots.get(rid) == rid:
-                row["dedupe_cluster"] = rid if rid in multi else None
-                view.add("accepted", row)
+        for table in store.iter_tables("accepted"):  # Arrow through: no dict per row
+            rids = table.column("row_id").to_pylist()
+            keep = [roots.get(rid) == rid for rid in rids]
+            if not any(keep):
+                continue
+            table = table.filter(pa.array(keep))
+            cluster = [rid if rid in multi else None for rid, k in zip(rids, keep) if k]
+            at = table.schema.get_field_index("dedupe_cluster")
+            view.add_table("accepted", table.set_column(at, table.schema.field(at), pa.array(cluster, pa.string())))
         pq.write_table(pa.table({"row_id": ids, "cluster": [roots[r] for r in ids],
                                  "kept": [roots[r] == r for r in ids]}),
                        view.root / "clusters.parquet", compression="zstd")

@@ -8,22 +8,55 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from datagen import records
 from datagen.runner import RunStats
 from datagen.shards import ShardStore
 
 
+class _StageProgress(Progress):
+    """The progress bar, and under it one line per stage of the pipeline."""
+
+    stage_lines: list[str] = []  # replaced whole by LiveProgress, never appended to
+
+    def get_renderables(self) -> Any:
+        yield self.make_tasks_table(self.tasks)
+        if self.stage_lines:
+            yield Text("\n".join(self.stage_lines), style="dim")
+
+
+def stage_lines(view: dict[str, Any]) -> list[str]:
+    """The run's figures (``RunMetrics.view``) as one short line per stage."""
+    p, t, f, d, s = (view[k] for k in ("prompts", "teacher", "filters", "dedupe", "store"))
+    lines = [f"  prompts  {p['pulled']} pulled ({p['per_s']:.0f}/s)"
+             + (f", {p['skipped']} done before" if p["skipped"] else "")]
+    for name, x in t["by_teacher"].items():
+        lines.append(f"  teacher  {name}: {x['inflight_batches']} batches in flight on {x['replicas']} "
+                     f"replica(s), {x['ready_batches']} ready · {x['rows_per_s']:.0f} rows/s")
+    lines.append(f"  filters  {f['inflight_batches']} batches in flight, {f['queued_batches']} queued · "
+                 f"{f['rows_per_s']:.0f} rows/s" + ("" if f["actors"] else " (in the driver)"))
+    if d is not None:
+        lines.append(f"  dedupe   {d['indexed']} rows indexed, {d['waiting']} waiting · "
+                     f"{d['candidate_pairs']} candidate pairs checked")
+    lines.append(f"  store    {s['committed']} committed ({s['rows_per_s']:.0f} rows/s) in {s['shards']} shards · "
+                 f"{s['pending']} not yet committed")
+    return lines
+
+
 class LiveProgress:
-    """A rich progress bar fed by the runner's ``on_progress`` callback."""
+    """A rich progress bar fed by the runner's ``on_progress`` callback, with the run's
+    per-stage figures under it and the Ray dashboard's address above it (when the run
+    joined a cluster that has one)."""
 
     def __init__(self, console: Console, label: str):
-        self.progress = Progress(
+        self.progress = _StageProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
             console=console, transient=False,
         )
         self.task = self.progress.add_task(label, total=None, detail="starting teachers…")
+        self._linked = False
 
     def __enter__(self) -> LiveProgress:
         self.progress.start()
@@ -33,6 +66,14 @@ class LiveProgress:
         self.progress.stop()
 
     def __call__(self, stats: RunStats) -> None:
+        m = stats.metrics
+        if m is not None and m.dashboard and not self._linked:
+            self._linked = True
+            d = m.dashboard
+            self.progress.console.print(f"Ray dashboard: {d['url']}  (this job: {d['job']} · actors: {d['actors']})",
+                                        soft_wrap=True, highlight=False)
+        if m is not None and m.view is not None:
+            self.progress.stage_lines = stage_lines(m.view)
         c = stats.counts
         if stats.teachers_ready is None:
             detail = "starting teachers…"

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from datagen import licenses, records
+from datagen import licenses, metrics, records
 from datagen.config import Job, Price
 from datagen.errors import DatagenError, MissingExtra, OutputError
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
@@ -53,6 +53,7 @@ class RunStats:
     # work done again because an actor or node died with it (Ray's own silent retries
     # not counted): "teacher batch", "filter batch", "dedupe index rebuild" -> times
     lost: Counter = field(default_factory=Counter)
+    metrics: Any = None  # datagen.metrics.RunMetrics: per-stage figures, queue depths
 
     @property
     def generated(self) -> int:
@@ -382,6 +383,7 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
                     for name, lid in teacher_terms.items()}
     started_ray = _init_ray(job)
     actors = None
+    stats.metrics = metrics.RunMetrics(job, store, dashboard=metrics.dashboard_links())
     try:
         with _StopFlag() as stop:
             if started_ray:
@@ -416,6 +418,7 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
         _commit_quietly(store)
         raise
     finally:
+        stats.metrics.close(stats)  # the last line: after the final commit, however the run ended
         if started_ray:
             ray.shutdown()  # frees actors and placement groups with it
         elif actors is not None:
@@ -433,8 +436,9 @@ def _start_dedupe(job: Job, store: ShardStore):
 
     def accepted_so_far() -> Iterator[tuple[str, str]]:
         store.commit_all()  # rows routed but not yet committed become readable
-        for row in store.iter_rows("accepted"):
-            yield row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on)
+        for table in store.iter_tables("accepted", columns=["row_id", "messages", "response"]):
+            for row in table.to_pylist():
+                yield row["row_id"], row_text(row["messages"], row["response"], job.dedupe.on)
 
     dedup = StreamingDedupe(job.dedupe, source=accepted_so_far)
     dedup.load()
@@ -490,6 +494,8 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 for name, t in teachers.items()}
     # by the id rows carry in provenance.seed_ids (numbered rows have no id field)
     seeds = dict(zip(stream.template.seeds.ids, stream.template.seeds.rows))
+    meter = stats.metrics
+    meter.watch(inflight=inflight, ready=ready_batches, actors=actors, filters=filters, dedup=dedup)
 
     def route(stream_name: str, row: dict[str, Any], reason: str | None, tokens: int) -> None:
         store.add(stream_name, row)
@@ -511,6 +517,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
             raise _filter_failed(exc, store) from None
 
     def judged(batch: Pending, verdicts: list[list[dict[str, Any]]]) -> None:
+        meter.judged_rows(len(batch.rows))
         for row, vs in zip(batch.rows, verdicts):
             row["verdicts"] = vs
             keep, reason = decide(vs)
@@ -551,6 +558,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 buffers = {n: [] for n in teachers}
                 continue
             quota.pulled()
+            meter.pulled_one()
             last_prompt = req.prompt_id
             if groups is not None:
                 nxt = pending.peek()
@@ -603,6 +611,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                     f"teacher {name!r} raised {_cause(exc)}; committed rows are intact, "
                     f"`datagen resume {store.root}` continues"
                 ) from None
+            meter.generated_rows(name, len(gens))
             good: list[dict[str, Any]] = []
             for req, gen in zip(batch, gens):
                 row = make_row(req, gen, actors.info[name], sampling[name], row_licenses[name],
@@ -627,5 +636,6 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 good += groups.add(row) if groups is not None else [row]
             to_filters(good)
         store.commit_due()
+        meter.tick(stats)
         if on_progress:
             on_progress(stats)

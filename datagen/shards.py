@@ -184,6 +184,13 @@ def license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in out.items()}
 
 
+def _summaries(table: pa.Table, stream: str) -> list[dict[str, Any]]:
+    """What a shard's manifest entry needs of each row (``StreamWriter._shard_rows``)."""
+    cols = ["row_id", "license"] + {"failed": ["error"], "rejected": ["verdicts"]}.get(stream, [])
+    return [{"row_id": r["row_id"], "license": r["license"], "reason": _reason(r, stream)}
+            for r in table.select(cols).to_pylist()]
+
+
 def _reason(row: dict[str, Any], stream: str) -> str | None:
     if stream == "failed":
         return (row.get("error") or "error.unknown").split(":", 1)[0]
@@ -226,6 +233,23 @@ class StreamWriter:
             self._flush_row_group()
         if len(self._shard_rows) >= cfg.shard_rows or self._bytes() >= cfg.shard_bytes:
             self.commit()
+
+    def add_table(self, table: pa.Table) -> None:
+        """Rows already in the record schema (a derived store copying committed rows):
+        written from Arrow, no dict per row; the same rollover and commits as ``add``."""
+        self._check()
+        cfg = self.store.output
+        start = 0
+        while start < table.num_rows:
+            if not self._shard_rows:
+                self._opened_at = time.monotonic()
+            part = table.slice(start, cfg.shard_rows - len(self._shard_rows))
+            start += part.num_rows
+            self._flush_row_group()  # rows added one by one before this table go first
+            self._write(part, row_group_rows=cfg.row_group_rows)
+            self._shard_rows += _summaries(part, self.stream)
+            if len(self._shard_rows) >= cfg.shard_rows or self._bytes() >= cfg.shard_bytes:
+                self.commit()
 
     def due(self) -> bool:
         return self.open_rows > 0 and time.monotonic() - self._opened_at >= self.store.output.commit_every_s
@@ -271,13 +295,15 @@ class StreamWriter:
             return
         # Take the rows first: whatever happens below, they are never written twice.
         pending, self._pending = self._pending, []
-        table = records.to_table(pending)
+        self._write(records.to_table(pending), row_group_rows=len(pending))
+
+    def _write(self, table: pa.Table, *, row_group_rows: int) -> None:
         try:
             if self._writer is None:
                 self._writer = pq.ParquetWriter(
                     self._open_sink(), records.SCHEMA, compression=self.store.output.compression,
                 )
-            self._writer.write_table(table, row_group_size=len(pending))
+            self._writer.write_table(table, row_group_size=row_group_rows)
         except OSError as exc:
             self._broken = str(exc)
             raise _disk_error(exc, f"writing {self._tmp}") from None
@@ -432,6 +458,9 @@ class ShardStore:
     def add(self, stream: str, row: dict[str, Any]) -> None:
         self.writers[stream].add(row)
 
+    def add_table(self, stream: str, table: pa.Table) -> None:
+        self.writers[stream].add_table(table)
+
     def attach(self, name: str, text: str | None = None) -> None:
         """Record a side file (written already, or now from ``text``) with its checksum."""
         if text is not None:
@@ -491,10 +520,16 @@ class ShardStore:
 
     def iter_rows(self, stream: str = "accepted", batch_rows: int = 1024) -> Iterator[dict[str, Any]]:
         """Stream rows shard by shard, row group by row group: memory flat in dataset size."""
+        for table in self.iter_tables(stream, batch_rows):
+            yield from table.to_pylist()
+
+    def iter_tables(self, stream: str = "accepted", batch_rows: int = 1024,
+                    columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """``iter_rows`` as Arrow tables of up to ``batch_rows`` rows (``columns``: only those)."""
         for path in self.manifest.files(stream):
             pf = pq.ParquetFile(path, filesystem=self.manifest.filesystem)
-            for batch in pf.iter_batches(batch_size=batch_rows):
-                yield from batch.to_pylist()
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                yield pa.Table.from_batches([batch])
 
 
 @contextmanager

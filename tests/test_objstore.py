@@ -190,9 +190,15 @@ def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     stored = objects(s3, "cli-run")
     assert not any(b"sk-teacher-secret-value" in b or s3.env["AWS_SECRET_ACCESS_KEY"].encode() in b
                    for b in stored.values())
+    # The metrics file went up too (uploaded whole at the end): its last line is the manifest's counts.
+    final = json.loads(stored["metrics.jsonl"].decode().splitlines()[-1])
+    assert final["final"] and final["counts"] == store.manifest.counts()
 
     res = datagen("resume", url, "--quiet", env=env)  # nothing left to do: same rows, no duplicates
     assert res.returncode == 0, res.stderr
+    again = objects(s3, "cli-run")["metrics.jsonl"].decode().splitlines()
+    assert len(again) > len(stored["metrics.jsonl"].decode().splitlines())  # the resume appended
+    assert json.loads(again[-1])["stages"]["prompts"]["skipped"] == 20
     res = datagen("verify", url, env=env)
     assert res.returncode == 0 and "20 rows match the manifest" in res.stdout, res.stderr
     res = datagen("inspect", url, "--json", env=env)

@@ -63,6 +63,29 @@ def test_manifest_counts_equal_shard_rows_and_checksums(tmp_path):
     assert sorted(committed_rows(tmp_path / "o")) == [f"id{i:06d}" for i in range(35)]
 
 
+def test_tables_and_rows_land_in_the_same_shards(tmp_path):
+    """add_table (a derived store copying committed rows) rolls over and commits as add
+    does: same shards, same manifest entries, rows in the order they were given."""
+    bad = [{"filter": "f", "keep": False, "reason": "x.bad", "score": None, "details": None}]
+    rows = [row(i) for i in range(23)] + [row(100 + i, verdicts=bad) for i in range(4)]
+    by_row = ShardStore.create(tmp_path / "r", output(shard_rows=10, row_group_rows=4), job_meta=META)
+    by_table = ShardStore.create(tmp_path / "t", output(shard_rows=10, row_group_rows=4), job_meta=META)
+    for r in rows:
+        by_row.add("rejected" if r["verdicts"] else "accepted", r)
+    by_table.add("accepted", rows[0])  # one row first: the table continues its open shard
+    by_table.add_table("accepted", records.to_table(rows[1:23]))
+    by_table.add_table("rejected", records.to_table(rows[23:]))
+    for store in (by_row, by_table):
+        store.commit_all()
+    strip = [{k: v for k, v in s.items() if k not in ("sha256", "bytes", "committed_at")}
+             for s in by_row.manifest.shards]
+    assert [{k: v for k, v in s.items() if k not in ("sha256", "bytes", "committed_at")}
+            for s in by_table.manifest.shards] == strip
+    assert [s["rows"] for s in strip if s["stream"] == "accepted"] == [10, 10, 3]
+    assert by_table.manifest.reasons("rejected") == {"x.bad": 4}
+    assert by_table.read("accepted").to_pylist() == by_row.read("accepted").to_pylist()
+
+
 def test_rollover_by_bytes(tmp_path):
     store = ShardStore.create(tmp_path / "o", output(shard_bytes=4096, row_group_rows=2, compression="none"),
                               job_meta=META)

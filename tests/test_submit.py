@@ -110,6 +110,13 @@ def test_submit_follow_to_completion_and_read_shards(tmp_path, fake_server, ray_
     assert info["status"] == "SUCCEEDED" and info["metadata"]["datagen_secret_env"] == "FAKE_TEACHER_KEY"
     res = datagen("jobs", "logs", job_id, "--address", ray_head.address, env=env)
     assert res.returncode == 0 and "datagen run job.yaml" in res.stdout and SECRET not in res.stdout
+    # The cluster has a dashboard: its address and this job's pages are in every line of the
+    # metrics file (and printed at start, by a run without --quiet).
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["final"] and metrics[-1]["counts"]["accepted"] + metrics[-1]["counts"]["rejected"] == 24
+    assert all(m["dashboard"]["url"] == ray_head.address for m in metrics)
+    assert metrics[-1]["dashboard"]["actors"] == f"{ray_head.address}/#/actors"
+    assert metrics[-1]["dashboard"]["job"].startswith(f"{ray_head.address}/#/jobs/")
 
 
 @pytest.mark.slow
@@ -169,3 +176,14 @@ def test_submit_writes_to_s3_with_the_clusters_credentials(tmp_path, fake_server
     assert len(ids) == 10 and ids == expected_ids(job)
     assert store.job_meta()["job"]["output"]["path"] == url
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_joins_a_cluster_prints_its_dashboard(tmp_path, fake_server, ray_head):
+    job = write_job(tmp_path, base_url=fake_server.base_url, count=4)
+    env = {**ray_head.client_env, "RAY_ADDRESS": f"127.0.0.1:{ray_head.gcs_port}"}
+    res = datagen("run", str(job), env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"Ray dashboard: {ray_head.address}  (this job: {ray_head.address}/#/jobs/" in res.stderr
+    final = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["dashboard"]["url"] == ray_head.address

@@ -12,6 +12,7 @@ Not covered: an eval item shorter than ``ngram`` words has no n-gram and can nev
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,11 +71,20 @@ def _eval_texts(path: Path, fmt: str, field: str) -> list[str]:
 
 class NearDuplicates:
     """An LSH index of the prompts kept so far. ``check`` tells whether a new prompt is a
-    near-duplicate of one of them (the earlier prompt is kept) and indexes it if not.
+    near-duplicate of one of them (the earlier prompt is kept) and indexes it if not;
+    ``check_many`` does the same for a batch, in order.
 
     Signatures come in batches (``signatures``), as ``minhash`` computes them in bulk;
     candidates are verified by the exact Jaccard of their shingle-hash sets, so only a
-    pair at or above ``threshold`` counts."""
+    pair at or above ``threshold`` counts.
+
+    The index is compact because a plan may screen hundreds of thousands of seeds: per
+    band, the keys of the prompts kept so far in a sorted numpy array (12 bytes a key,
+    looked up for a whole batch at once), plus a dict of the few added since the last
+    merge. A dict of ``(band, key)`` tuples cost ~200 bytes a key, 0.8 GB for 250k seeds
+    at 16 bands, and slowed the garbage collector with millions of tracked objects."""
+
+    MERGE_AT = 32768  # prompts indexed in the dicts before they move into the arrays
 
     def __init__(self, cfg: PromptDedupe):
         self.cfg = cfg
@@ -83,28 +93,69 @@ class NearDuplicates:
         # Recall-leaning weights, as the dataset dedupe uses: a missed pair is a duplicate
         # prompt paid for twice, a spare candidate costs one set intersection.
         self.bands, self.rows = minhash.lsh_params(cfg.threshold, cfg.num_perm, 0.05, 0.95)
-        self.buckets: dict[tuple[int, int], list[int]] = {}
-        self.sets: list[np.ndarray] = []
+        self.sets: list[np.ndarray] = []  # shingle-hash set of each indexed prompt
+        self._keys = [np.empty(0, np.uint64) for _ in range(self.bands)]  # per band, sorted
+        self._ids = [np.empty(0, np.int64) for _ in range(self.bands)]  # index of each key
+        self._recent: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
+        self._recent_rows: list[tuple[list[int], int]] = []  # (keys, index) since the last merge
 
-    def keys(self, texts: list[str]) -> list[list[int]]:
+    def keys(self, texts: list[str]) -> np.ndarray:
+        """(n, bands) band keys of ``texts``."""
         sig = minhash.signatures(texts, self.shingling, self.a, self.b)
-        return minhash.band_keys(sig, self.bands, self.rows).tolist()
+        return minhash.band_keys(sig, self.bands, self.rows)
 
-    def check(self, text: str, keys: list[int]) -> bool:
+    def check(self, text: str, keys: Any) -> bool:
+        keys = np.asarray(keys, dtype=np.uint64).reshape(1, -1)
+        return self._check(text, keys[0].tolist(), self._merged_candidates(keys)[0])
+
+    def check_many(self, texts: list[str], skip: list[bool] | None = None) -> list[bool | None]:
+        """``check`` for each text in order (a text near an earlier one of the batch counts);
+        texts where ``skip`` is true are neither checked nor indexed (None)."""
+        keys = self.keys(texts)
+        old = self._merged_candidates(keys)
+        out: list[bool | None] = []
+        for k, row in enumerate(keys.tolist()):
+            out.append(None if skip is not None and skip[k] else self._check(texts[k], row, old[k]))
+        if len(self._recent_rows) >= self.MERGE_AT:
+            self._merge()
+        return out
+
+    def _merged_candidates(self, keys: np.ndarray) -> list[set[int]]:
+        """For each row of ``keys``: indexed prompts sharing a bucket, from the arrays."""
+        found: list[set[int]] = [set() for _ in range(len(keys))]
+        for band in range(self.bands):
+            sk = self._keys[band]
+            if not len(sk):
+                continue
+            q = keys[:, band]
+            lo, hi = np.searchsorted(sk, q, side="left"), np.searchsorted(sk, q, side="right")
+            for t in np.flatnonzero(hi > lo).tolist():
+                found[t].update(self._ids[band][lo[t]:hi[t]].tolist())
+        return found
+
+    def _check(self, text: str, keys: list[int], candidates: set[int]) -> bool:
         hashes = np.unique(minhash.shingle_hashes(text, self.shingling))
-        tried: set[int] = set()
         for band, key in enumerate(keys):
-            for j in self.buckets.get((band, key), ()):
-                if j in tried:
-                    continue
-                tried.add(j)
-                other = self.sets[j]
-                inter = len(np.intersect1d(hashes, other, assume_unique=True))
-                union = len(hashes) + len(other) - inter
-                if (inter / union if union else 1.0) >= self.cfg.threshold:
-                    return True
+            candidates.update(self._recent[band].get(key, ()))
+        for j in sorted(candidates):
+            other = self.sets[j]
+            inter = len(np.intersect1d(hashes, other, assume_unique=True))
+            union = len(hashes) + len(other) - inter
+            if (inter / union if union else 1.0) >= self.cfg.threshold:
+                return True
         idx = len(self.sets)
         self.sets.append(hashes)
         for band, key in enumerate(keys):
-            self.buckets.setdefault((band, key), []).append(idx)
+            self._recent[band].setdefault(key, []).append(idx)
+        self._recent_rows.append((keys, idx))
         return False
+
+    def _merge(self) -> None:
+        keys = np.array([k for k, _ in self._recent_rows], dtype=np.uint64)
+        ids = np.array([i for _, i in self._recent_rows], dtype=np.int64)
+        for band in range(self.bands):
+            k = np.concatenate([self._keys[band], keys[:, band]])
+            order = np.argsort(k, kind="stable")
+            self._keys[band], self._ids[band] = k[order], np.concatenate([self._ids[band], ids])[order]
+            self._recent[band] = {}
+        self._recent_rows = []

@@ -241,12 +241,13 @@ def _screen_seeds(p: _Planner, cfg: Prompts) -> dict[str, Any]:
             combo = tuple(first[k] if k in first else p.key_of_seed(i)[p.bound.index(k)]
                           for k in range(len(p.axes)))
             texts.append(p.t.render(p.values(i, combo), what=p.what(i, combo))[-1]["content"])
-        keys = near.keys(texts) if near is not None else None
+        hits = [decon.hit(t) for t in texts] if decon is not None else [None] * len(texts)
+        near_dup = near.check_many(texts, skip=[h is not None for h in hits]) if near is not None else hits
         for k, i in enumerate(batch):
-            if decon is not None and (hit := decon.hit(texts[k])) is not None:
-                contaminated[hit] += 1
+            if hits[k] is not None:  # contaminated: out of every pool, and not indexed
+                contaminated[hits[k]] += 1
                 dropped.add(i)
-            elif near is not None and near.check(texts[k], keys[k]):
+            elif near_dup[k]:
                 out["near_duplicate_seeds"] += 1
                 dropped.add(i)
     for key, pool in p.pools.items():
