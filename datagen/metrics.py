@@ -39,8 +39,10 @@ UPLOAD_EVERY_S = 60.0  # object stores: the least time between two uploads of th
 
 def bounds(job: Any) -> dict[str, int]:
     """The most each queue may hold, from the job's settings (the driver enforces them)."""
+    from datagen.replicas import slots
+
     actors = sum(t.replicas for t in job.teachers)
-    teacher_inflight = job.runtime.inflight_per_actor * actors
+    teacher_inflight = sum(slots(t, job.runtime.inflight_per_actor) * t.replicas for t in job.teachers)
     filter_inflight = job.runtime.filter_actors * job.runtime.inflight_per_actor
     return {
         "teacher_inflight_batches": teacher_inflight,

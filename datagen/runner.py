@@ -4,10 +4,10 @@ Plain Ray actors, not Ray Data: see docs/architecture.md for the reasons (in sho
 incremental commits and exact-once resume need a single committer that sees every row
 as it lands; a Ray Data ``Datasink`` commits once, at the end of the whole write).
 
-Backpressure: a teacher actor never holds more than ``runtime.inflight_per_actor``
-batches, and the driver pulls the next prompt from the (lazy) stream only when a batch
-slot is free, so memory is bounded by actors x slots x batch size, whatever the job
-size. Actors are started with ``max_restarts`` / ``max_task_retries`` so Ray itself
+Backpressure: a teacher actor never holds more than ``replicas.slots`` batches
+(``runtime.inflight_per_actor``, or enough to fill its backend's concurrency), and the
+driver pulls the next prompt from the (lazy) stream only when a batch slot is free, so
+memory is bounded by actors x slots x batch size, whatever the job size. Actors are started with ``max_restarts`` / ``max_task_retries`` so Ray itself
 restarts a dead engine and re-runs its batches; a batch whose actor keeps dying stops
 the run after everything already received is committed.
 """
@@ -30,7 +30,7 @@ from datagen.errors import DatagenError, MissingExtra, OutputError
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
-from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
+from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors, slots
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
@@ -489,7 +489,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     exhausted = False
     lost: Counter = Counter()  # first row id of a batch -> times its work was lost
     consecutive_failures = 0
-    limit = job.runtime.inflight_per_actor
+    limit = {name: slots(t, job.runtime.inflight_per_actor) for name, t in teachers.items()}
     sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
                 for name, t in teachers.items()}
     # by the id rows carry in provenance.seed_ids (numbered rows have no id field)
@@ -530,7 +530,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
             # The first ready batch whose teacher has a free actor (one busy teacher
             # must not hold up another's batches).
             pick = next(((i, a) for i, (n, _) in enumerate(ready_batches)
-                         if (a := actors.free(n, limit)) is not None), None)
+                         if (a := actors.free(n, limit[n])) is not None), None)
             if pick is not None and not filters.saturated():
                 i, actor = pick
                 name, batch = ready_batches[i]

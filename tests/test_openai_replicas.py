@@ -76,3 +76,17 @@ def test_two_replicas_keep_to_the_teachers_request_budget(tmp_path, fake_server)
     assert len(times) == fake_server.requests == 40
     # A lower bound with some slack for arrival jitter: a loaded machine is only slower.
     assert times[-1] - times[0] >= 2.5, f"40 requests in {times[-1] - times[0]:.2f} s: over the budget"
+
+
+def test_slots_fill_what_the_backend_serves_at_once():
+    from datagen.config import OpenAITeacher, VLLMTeacher
+    from datagen.replicas import VLLM_DEFAULT_SEQS, slots
+
+    api = {"name": "a", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
+    # 256 in flight over 2 replicas at 16 rows a batch: 8 batches fill a replica, 1 spare.
+    assert slots(OpenAITeacher(**api, max_concurrency=256, replicas=2, batch_size=16), 2) == 9
+    assert slots(OpenAITeacher(**api, max_concurrency=4, batch_size=16), 2) == 2  # the floor
+    eng = {"name": "v", "backend": "vllm", "model": "m", "batch_size": 16}
+    assert slots(VLLMTeacher(**eng), 2) == VLLM_DEFAULT_SEQS // 16 + 1
+    assert slots(VLLMTeacher(**eng, engine={"max_num_seqs": 1024}), 2) == 65
+    assert slots(VLLMTeacher(**eng, engine={"batching": "offline"}), 3) == 3  # one batch runs at a time
