@@ -7,9 +7,11 @@ as it lands; a Ray Data ``Datasink`` commits once, at the end of the whole write
 Backpressure: a teacher actor never holds more than ``replicas.slots`` batches
 (``runtime.inflight_per_actor``, or enough to fill its backend's concurrency), and the
 driver pulls the next prompt from the (lazy) stream only when a batch slot is free, so
-memory is bounded by actors x slots x batch size, whatever the job size. Actors are started with ``max_restarts`` / ``max_task_retries`` so Ray itself
-restarts a dead engine and re-runs its batches; a batch whose actor keeps dying stops
-the run after everything already received is committed.
+memory is bounded by actors x slots x batch size, whatever the job size. Actors are
+started with ``max_restarts`` / ``max_task_retries`` so Ray itself restarts a dead
+engine and re-runs its batches; a batch whose actor or node is lost anyway is run again
+(``datagen/replicas.py``), and one lost too often stops the run after everything already
+received is committed.
 """
 
 from __future__ import annotations
