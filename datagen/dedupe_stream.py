@@ -36,7 +36,7 @@ import numpy as np
 
 from datagen import minhash
 from datagen.config import Dedupe
-from datagen.errors import DatagenError
+from datagen.errors import DatagenError, remote_cause
 from datagen.replicas import lost_work_errors
 
 BATCH = 256
@@ -156,15 +156,13 @@ class StreamingDedupe:
         """An index actor died: index every row again on fresh actors (see the module doc)."""
         import ray
 
-        from datagen.runner import _cause
-
         tries = 0
         while True:
             tries += 1
             if self.source is None or tries > len(REBUILD_WAITS_S):
                 times = f" {tries} times in a row" if tries > 1 else ""
                 raise DatagenError(
-                    f"streaming dedupe lost an index actor{times} ({_cause(exc)}); committed rows are intact, "
+                    f"streaming dedupe lost an index actor{times} ({remote_cause(exc)}); committed rows are intact, "
                     "and `datagen resume` rebuilds the index from them")
             time.sleep(REBUILD_WAITS_S[tries - 1])
             for actor in self.actors:  # the survivors hold a partial index

@@ -26,3 +26,12 @@ class MissingExtra(DatagenError):
             f"{why} needs the '{package}' package: install it with "
             f"`pip install 'datagen[{extra}]'` (or `make install` for the CPU stack)"
         )
+
+
+def remote_cause(exc: BaseException) -> str:
+    """The last line of a remote (Ray) traceback: the error the user can act on."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else type(exc).__name__

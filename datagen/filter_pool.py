@@ -16,7 +16,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from datagen.errors import DatagenError
+from datagen.errors import DatagenError, remote_cause
 from datagen.filters import FilterChain
 from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
 
@@ -200,23 +200,17 @@ class FilterPool:
             self.liveness.lost(actor, actor.ready)
             pending.lost += 1
             if pending.lost > BATCH_MAX_REQUEUES:
-                raise FilterFailed(f"its actor died {pending.lost} times on one batch: {_cause(exc)}") from None
+                raise FilterFailed(f"its actor died {pending.lost} times on one batch: {remote_cause(exc)}") from None
             self.queue.appendleft((pending, seeds))
             verdicts = None
         except ray.exceptions.RayError as exc:
-            raise FilterFailed(_cause(exc)) from None
+            raise FilterFailed(remote_cause(exc)) from None
         self._dispatch()
         return None if verdicts is None else (pending, verdicts)
 
 
 class FilterFailed(DatagenError):
     """A filter (not the data) failed: the run stops; nothing is dropped or kept for it."""
-
-
-def _cause(exc: BaseException) -> str:
-    from datagen.runner import _cause as last_error_line
-
-    return last_error_line(exc)
 
 
 def decide(verdicts: list[dict[str, Any]]) -> tuple[bool, str | None]:

@@ -40,7 +40,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from datagen import records
 from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml
-from datagen.errors import ConfigError, DatagenError
+from datagen.errors import ConfigError, DatagenError, remote_cause
 from datagen.shards import ShardStore, resumable_build
 
 
@@ -76,7 +76,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             inflight_per_actor: int = 2, commit_every_s: float = 60.0) -> RescoreResult:
     import ray
 
-    from datagen.runner import _Actors, _cause, _StopFlag, init_ray
+    from datagen.runner import _Actors, _StopFlag, init_ray
 
     store = ShardStore.open(src)
     dest = dest or src / "rescored"
@@ -125,7 +125,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                 try:
                     gens = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:
-                    raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {_cause(exc)}; "
+                    raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {remote_cause(exc)}; "
                                        f"{_kept(out, res)}") from None
                 for row, g in zip(rows, gens):
                     _apply(row, g, info, tag)

@@ -28,7 +28,7 @@ from typing import Any
 
 from datagen import licenses, metrics, records
 from datagen.config import Job, Price
-from datagen.errors import DatagenError, MissingExtra, OutputError
+from datagen.errors import DatagenError, MissingExtra, OutputError, remote_cause
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
@@ -243,7 +243,7 @@ class _Actors:
                 try:
                     self.info[name] = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    raise DatagenError(f"teacher {name!r} failed to start: {_cause(exc)}") from None
+                    raise DatagenError(f"teacher {name!r} failed to start: {remote_cause(exc)}") from None
         return True
 
     def free(self, teacher: str, limit: int) -> Any | None:
@@ -280,15 +280,6 @@ def placement_options(t: Any, group: Any) -> dict[str, Any]:
     return {"num_cpus": t.num_cpus, "num_gpus": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
-
-
-def _cause(exc: BaseException) -> str:
-    """The last line of a remote traceback: the error the user can act on."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line:
-            return line[:300]
-    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def make_row(req: Request, gen: dict[str, Any], info: dict[str, Any], sampling: dict[str, Any],
@@ -604,13 +595,13 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 if lost[batch[0].row_id] > BATCH_MAX_REQUEUES:
                     raise DatagenError(
                         f"teacher {name!r} died {lost[batch[0].row_id]} times on one batch "
-                        f"({_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
+                        f"({remote_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
                     ) from None
                 ready_batches.appendleft((name, batch))
                 continue
             except ray.exceptions.RayError as exc:
                 raise DatagenError(
-                    f"teacher {name!r} raised {_cause(exc)}; committed rows are intact, "
+                    f"teacher {name!r} raised {remote_cause(exc)}; committed rows are intact, "
                     f"`datagen resume {store.root}` continues"
                 ) from None
             meter.generated_rows(name, len(gens))

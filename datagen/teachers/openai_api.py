@@ -45,6 +45,8 @@ from datagen.teachers.ratelimit import Limiter
 from datagen.teachers.tokenmap import TokenMap
 
 RETRY_AFTER_CAP_S = 60.0
+ID_PREFIX = "token_id:"  # how a vLLM server names a token by id (return_tokens_as_token_ids)
+_ID_CUT = len(ID_PREFIX)
 
 
 class MalformedResponse(Exception):
@@ -326,7 +328,7 @@ class OpenAICompatibleTeacher:
         common case, are read in one sweep; anything else goes entry by entry."""
         names = [e["token"] for e in entries]
         try:
-            ids = [int(n[9:]) for n in names if n[:9] == "token_id:"]
+            ids = [int(n[_ID_CUT:]) for n in names if n[:_ID_CUT] == ID_PREFIX]
             if len(ids) == len(names):
                 return ids
         except (TypeError, ValueError):
@@ -338,9 +340,9 @@ class OpenAICompatibleTeacher:
         token = entry["token"]
         if not isinstance(token, str):
             return None
-        if token.startswith("token_id:"):
+        if token.startswith(ID_PREFIX):
             try:
-                return int(token[len("token_id:"):])
+                return int(token[_ID_CUT:])
             except ValueError:
                 return None
         return self._tokens.id(token, entry.get("bytes")) if self._tokens else None
