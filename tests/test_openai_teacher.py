@@ -299,7 +299,7 @@ def test_key_echoed_by_a_server_is_scrubbed(monkeypatch):
         # A proxy that repeats the Authorization header in its error body.
         orig = fo.FakeOpenAIServer._serve
 
-        async def echo(self, h, body, fault):
+        def echo(self, h, body, fault):
             h._json(400, {"error": {"message": "bad key " + h.headers.get("authorization", "")}})
 
         monkeypatch.setattr(fo.FakeOpenAIServer, "_serve", echo)
@@ -307,6 +307,17 @@ def test_key_echoed_by_a_server_is_scrubbed(monkeypatch):
         monkeypatch.setattr(fo.FakeOpenAIServer, "_serve", orig)
     assert g.error.startswith("teacher.http_400") and "bad key" in g.error
     assert secret not in g.error and "***" in g.error
+
+
+def test_sdk_telemetry_headers_are_not_sent(server, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "sk-test-header")
+    [g] = ask(teacher(server, api_key_env="FAKE_KEY"), "hi")
+    assert g.error is None
+    sent = server.last_headers
+    assert sent["authorization"] == "Bearer sk-test-header"
+    assert sent["user-agent"].startswith("AsyncOpenAI/Python")
+    assert sent["content-type"] == "application/json"
+    assert not [name for name in sent if name.startswith("x-stainless")], sent
 
 
 def test_missing_key_env_is_a_clear_error(server, monkeypatch):

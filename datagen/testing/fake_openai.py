@@ -26,7 +26,7 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``garbage``     200 with valid JSON that is not a completion (no ``choices``)
 
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
-check pacing.
+check pacing; ``last_headers`` holds the headers of the latest one (lower-case names).
 
 Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``
 (``--answer package.module:function`` picks the answer function; default: echo).
@@ -76,12 +76,15 @@ def _tid(token: str) -> int:
 
 
 class Exchange:
-    """One request/response on a connection: what ``_serve`` writes to."""
+    """One request/response on a connection: what ``_serve`` writes to. Writing a
+    response ends the exchange; the connection then reads its next request."""
 
-    def __init__(self, writer: asyncio.StreamWriter, headers: dict[str, str]):
-        self.writer = writer
+    def __init__(self, conn: _Connection, headers: dict[str, str]):
+        self.conn = conn
         self.headers = headers
         self.close_connection = False
+        self.done = False
+        self.counted = 0  # 1 while it counts towards the server's requests in flight
 
     def raw(self, status: int, data: bytes, *, length: int | None = None,
             headers: dict[str, str] | None = None) -> None:
@@ -89,10 +92,95 @@ class Exchange:
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
                 f"content-type: application/json\r\ncontent-length: {len(data) if length is None else length}\r\n"
                 f"{extra}\r\n")
-        self.writer.write(head.encode("latin-1") + data)
+        self.conn.transport.write(head.encode("latin-1") + data)
+        self.finish()
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self.raw(status, _dumps(obj), headers=headers)
+
+    def drop(self) -> None:
+        """End the exchange by closing the socket, with no response."""
+        self.close_connection = True
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.finished(self)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: HTTP/1.1 keep-alive with Content-Length bodies, one
+    request at a time (a pipelined request waits in the buffer for the answer before
+    it). A protocol, not asyncio streams with a task per connection: the server shares
+    the benchmark's cores with the client it measures, and this costs half the CPU."""
+
+    def __init__(self, server: FakeOpenAIServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.current: Exchange | None = None
+        self.timer: asyncio.TimerHandle | None = None  # a delayed answer or a hang
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._next()
+
+    def _next(self) -> None:
+        while self.current is None and not self.transport.is_closing():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            try:
+                lines = self.buffer[:end].decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                headers = {}
+                for line in lines[1:]:
+                    k, sep, v = line.partition(":")
+                    if sep:
+                        headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", 0))
+            except ValueError:
+                self.transport.close()
+                return
+            if len(self.buffer) < end + 4 + length:
+                return
+            data = bytes(self.buffer[end + 4:end + 4 + length])
+            del self.buffer[:end + 4 + length]
+            self.current = Exchange(self, headers)
+            self.server._dispatch(self.current, method, path, data)
+
+    def finished(self, h: Exchange) -> None:
+        self.current, self.timer = None, None
+        self.server._concurrent -= h.counted
+        if h.close_connection or h.headers.get("connection", "").lower() == "close":
+            self.transport.close()
+        else:
+            self._next()
+
+    def later(self, seconds: float, then: Callable[[], None]) -> None:
+        self.timer = asyncio.get_running_loop().call_later(seconds, then)
+
+    def close(self) -> None:
+        """Drop the connection and whatever it was answering (the client went away, or
+        the server stops)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        h, self.current = self.current, None
+        if h is not None and not h.done:
+            h.done = True
+            self.server._concurrent -= h.counted
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _json_encoder() -> Callable[[Any], bytes]:
@@ -109,6 +197,18 @@ def _json_encoder() -> Callable[[Any], bytes]:
 _dumps = _json_encoder()
 
 
+def _json_decoder() -> Callable[[bytes], Any]:
+    try:
+        import msgspec
+
+        return msgspec.json.Decoder().decode
+    except ImportError:
+        return json.loads
+
+
+_loads = _json_decoder()
+
+
 class FakeOpenAIServer:
     def __init__(self, *, answer: Callable[[list[dict[str, str]]], str] = echo_answer,
                  host: str = "127.0.0.1", port: int = 0, logprobs: bool = True):
@@ -119,6 +219,7 @@ class FakeOpenAIServer:
         self.requests = 0
         self.served = Counter()  # "ok" or fault kind -> count
         self.arrivals: list[tuple[float, str]] = []
+        self.last_headers: dict[str, str] = {}
         self.max_concurrent = 0
         self._concurrent = 0
         # Bound now, so base_url is known before start() and a busy port fails here.
@@ -129,7 +230,7 @@ class FakeOpenAIServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._connections: set[_Connection] = set()
         self._positions: dict[tuple[str, int, bool], dict[str, Any]] = {}  # see _position
 
     # -- control ---------------------------------------------------------------------
@@ -181,9 +282,9 @@ class FakeOpenAIServer:
 
         async def shutdown() -> None:
             self._server.close()
-            for task in list(self._tasks):  # hung requests, idle keep-alive connections
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for conn in list(self._connections):  # hung requests, idle keep-alive connections
+                conn.close()
+            await asyncio.sleep(0)  # let the transports finish closing
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -199,7 +300,7 @@ class FakeOpenAIServer:
     def _open(self) -> None:
         self._loop = _new_loop()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, sock=self._sock, backlog=2048))
+            self._loop.create_server(lambda: _Connection(self), sock=self._sock, backlog=2048))
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
@@ -208,35 +309,7 @@ class FakeOpenAIServer:
         self.stop()
 
     # -- serving ---------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, path = lines[0].split(" ")[:2]
-                    headers = {}
-                    for line in lines[1:]:
-                        k, sep, v = line.partition(":")
-                        if sep:
-                            headers[k.strip().lower()] = v.strip()
-                    data = await reader.readexactly(int(headers.get("content-length", 0)))
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
-                    break
-                h = Exchange(writer, headers)
-                await self._dispatch(h, method, path, data)
-                await writer.drain()
-                if h.close_connection or headers.get("connection", "").lower() == "close":
-                    break
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def _dispatch(self, h: Exchange, method: str, path: str, data: bytes) -> None:
+    def _dispatch(self, h: Exchange, method: str, path: str, data: bytes) -> None:
         path = path.split("?")[0].rstrip("/")
         if method == "GET" and path.endswith("/models"):
             h._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
@@ -244,23 +317,30 @@ class FakeOpenAIServer:
         if method != "POST" or not path.endswith("/chat/completions"):
             h._json(404, {"error": {"message": "not found"}})
             return
-        body = json.loads(data or b"{}")
+        try:
+            body = _loads(data or b"{}")
+        except Exception:  # noqa: BLE001 - json's ValueError or msgspec's DecodeError
+            h.close_connection = True
+            h._json(400, {"error": {"message": "request body is not JSON"}})
+            return
         with self._lock:
             self.requests += 1
+            self.last_headers = h.headers
             fault = self._take_fault(body.get("messages") or [])
         self.arrivals.append((time.monotonic(), fault.kind if fault else "ok"))
-        self._concurrent += 1
+        self._concurrent += 1  # until the exchange finishes (Exchange.finish)
+        h.counted = 1
         self.max_concurrent = max(self.max_concurrent, self._concurrent)
-        try:
-            await self._serve(h, body, fault)
-        finally:
-            self._concurrent -= 1
+        self._serve(h, body, fault)
 
-    async def _serve(self, h: Exchange, body: dict[str, Any], fault: Fault | None) -> None:
+    def _serve(self, h: Exchange, body: dict[str, Any], fault: Fault | None) -> None:
+        """Answer now, or schedule the answer (``latency``) or the drop (``hang``) on the
+        connection's timer; either way ``h`` is finished exactly once."""
         kind = fault.kind if fault else "ok"
         self.served[kind] += 1
         if kind == "latency":
-            await asyncio.sleep(fault.seconds)
+            h.conn.later(fault.seconds, lambda: h._json(200, self.completion(body)))
+            return
         elif kind == "429":
             h._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                     {"retry-after": str(fault.retry_after)})
@@ -269,16 +349,15 @@ class FakeOpenAIServer:
             h._json(int(kind), {"error": {"message": f"injected {kind}", "type": "server_error"}})
             return
         elif kind == "hang":
-            await asyncio.sleep(fault.seconds or 30.0)
-            h.close_connection = True
+            h.conn.later(fault.seconds or 30.0, h.drop)
             return
         elif kind == "malformed":
             h.raw(200, b"<html>502 Bad Gateway</html> {not json")
             return
         elif kind == "truncated":
             data = json.dumps(self.completion(body)).encode()
-            h.raw(200, data[: len(data) // 3], length=len(data))
             h.close_connection = True
+            h.raw(200, data[: len(data) // 3], length=len(data))
             return
         elif kind == "garbage":
             h._json(200, {"id": "x", "object": "chat.completion", "choices": [], "created": 0, "model": "fake"})
@@ -321,7 +400,7 @@ class FakeOpenAIServer:
             as_ids = bool(body.get("return_tokens_as_token_ids"))
 
             choice["logprobs"] = {"content": [self._position(tok, k, as_ids) for tok in tokens]}
-        prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) for m in messages)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) or 1 for m in messages)  # = len(_tokens(...))
         return {
             "id": "chatcmpl-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest(),
             "object": "chat.completion", "created": 0, "model": body.get("model", "fake"),
