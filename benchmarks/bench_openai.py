@@ -13,8 +13,8 @@ The teacher is deployed as ``datagen run`` deploys it: ``--replicas`` Ray actors
 one per core) through the runner's own ``_Actors`` and ``TeacherActor``, each with its
 share of the teacher's ``max_concurrency`` = ``--inflight`` (``OpenAITeacher.for_replica``),
 fed as the runner feeds them: batches of ``--batch-size`` rows (default: one replica's
-share of the in-flight ceiling), at most ``--batches`` (``runtime.inflight_per_actor``)
-outstanding per actor, each sent to the least-loaded actor. ``--replicas 0`` runs one
+share of the in-flight ceiling), at most ``--batches`` outstanding per actor (default:
+as many as the runner keeps, ``replicas.slots``), each sent to the least-loaded actor. ``--replicas 0`` runs one
 teacher in this process, without Ray: the client alone (uvloop when installed, as Ray's
 async actors use).
 
@@ -312,11 +312,16 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=os.cpu_count(),
                    help="teacher Ray actors (default: one per core); 0: one teacher in this process, no Ray")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: in-flight share of a replica)")
-    p.add_argument("--batches", type=int, default=2, help="batches outstanding per actor (runtime.inflight_per_actor)")
+    p.add_argument("--batches", type=int, default=0,
+                   help="batches outstanding per actor (default: the runner's replicas.slots at inflight_per_actor 2)")
     p.add_argument("--fixed", action="store_true", help="adaptive concurrency off")
     p.add_argument("--layers", type=int, default=3000, metavar="N",
                    help="then time N requests per client layer against an instant server (0: skip)")
     args = p.parse_args()
+    if not args.batches:
+        from datagen.replicas import slots
+
+        args.batches = slots(teacher_config(args, "http://127.0.0.1:1/v1", max(1, args.replicas)), 2)
     _collect_less()  # the teacher actor's garbage-collector settings, for the in-process figures too
     proc, url = start_server(args.latency)
     try:
