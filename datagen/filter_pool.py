@@ -35,7 +35,8 @@ def view(row: dict[str, Any], peers: dict[str, list[str]] | None = None) -> dict
 
 def filter_context(job: Any) -> dict[str, Any]:
     """What filters may see of the job besides their params: the teachers' configs (env-var
-    names of keys, never keys), for a judge."""
+    names of keys, never keys), for a judge. A filter actor's context adds ``worker``:
+    its ``index`` among ``count`` actors."""
     return {"teachers": {t.name: t.model_dump(mode="json") for t in job.teachers}}
 
 
@@ -145,7 +146,9 @@ class FilterPool:
         remote = ray.remote(FilterWorker).options(
             num_cpus=job.runtime.filter_num_cpus, max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=ACTOR_MAX_RESTARTS)
-        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit, context) for _ in range(n)]
+        # Each actor knows its place among the n: a judge takes its share of its teacher's budgets.
+        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit,
+                                     {**context, "worker": {"index": i, "count": n}}) for i in range(n)]
         self.load = {a: 0 for a in self.actors}
         self.max_backlog = n * slots * 4
 

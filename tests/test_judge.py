@@ -34,11 +34,12 @@ def server():
         yield s
 
 
-def chain(server, **params) -> FilterChain:
+def chain(server, teacher=None, worker=None, **params) -> FilterChain:
     cfg = {"name": "grader", "backend": "openai", "model": "fake", "base_url": server.base_url,
-           "max_attempts": 2, "timeout_s": 5}
+           "max_attempts": 2, "timeout_s": 5, **(teacher or {})}
+    context = {"teachers": {"grader": cfg}, **({"worker": worker} if worker else {})}
     return FilterChain([{"name": "judge", "teacher": "grader", "threshold": 5, **params}], AnswerFormat(),
-                       context={"teachers": {"grader": cfg}})
+                       context=context)
 
 
 def row(i: int, response: str) -> dict:
@@ -68,6 +69,40 @@ def test_a_judge_that_is_down_stops_instead_of_dropping(server):
 def test_a_judge_reply_without_a_score_is_an_error(server):
     with pytest.raises(FilterError, match="replied without a score"):
         chain(server).run([row(0, "no score please")], [None])
+
+
+def test_the_judge_keeps_its_client_and_budget_from_batch_to_batch(server):
+    # 60 requests a minute, paced: one request a second. A client made afresh for each
+    # batch would start each batch with a full bucket and send all three at once.
+    c = chain(server, teacher={"requests_per_minute": 60})
+    judge = c.filters[0]
+    limiters = []
+    for i in range(3):
+        [[v]] = c.run([row(i, '{"order_id": "1"}')], [None])
+        assert v.keep and v.score == 9.0
+        limiters.append(judge.teacher.limiter)
+    assert limiters[0] is limiters[1] is limiters[2]
+    times = [at for at, kind in server.arrivals]
+    assert len(times) == server.requests == 3
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.9, times
+
+
+def test_filter_actors_split_the_judges_budgets():
+    def share(index, count, **teacher):
+        cfg = {"name": "grader", "backend": "openai", "model": "fake", "base_url": "http://127.0.0.1:1/v1",
+               "replicas": 2, "max_concurrency": 8, **teacher}
+        c = FilterChain([{"name": "judge", "teacher": "grader"}], AnswerFormat(),
+                        context={"teachers": {"grader": cfg}, "worker": {"index": index, "count": count}})
+        return c.filters[0].teacher.cfg
+
+    alone = share(0, 1, requests_per_minute=90, tokens_per_minute=9000)
+    assert (alone.max_concurrency, alone.requests_per_minute, alone.tokens_per_minute) == (8, 90, 9000)
+    parts = [share(i, 3, requests_per_minute=90, tokens_per_minute=9000) for i in range(3)]
+    assert [p.max_concurrency for p in parts] == [3, 3, 2]  # 8 over 3 filter actors
+    assert [p.requests_per_minute for p in parts] == [30, 30, 30]
+    assert sum(p.tokens_per_minute for p in parts) == 9000
+    many = [share(i, 10, max_concurrency=4) for i in range(10)]  # more actors than slots: 1 each
+    assert {p.max_concurrency for p in many} == {1}
 
 
 def test_the_judge_must_be_an_openai_teacher_of_the_job(server):

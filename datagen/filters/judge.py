@@ -9,6 +9,14 @@ actors through the same client, retries and key handling as generation; note tha
 also generates rows like any teacher of the job). Its prompt and reply are stored in the
 verdict's details, its score in the verdict's score. A judge that cannot answer (API
 down after its retries) or answers without a score raises: that is not a verdict.
+
+Flow control: the filter actors split the teacher's ``max_concurrency``, request and
+token budgets evenly between them, as its replicas do (``OpenAITeacher.for_replica``),
+and each keeps one client and limiter for its whole life, so budgets, adaptive
+concurrency and open connections carry over from batch to batch. Grading comes on top
+of generation: the key then sees up to the teacher's budgets from each side (there is
+no limiter shared across processes). More filter actors than ``max_concurrency`` get
+one request in flight each.
 """
 
 from __future__ import annotations
@@ -66,7 +74,13 @@ class Judge(Filter):
         # The judge's own sampling: deterministic grading, no logprobs, one sample.
         sampling = {**cfg.get("sampling", {}), "temperature": spec.temperature, "max_tokens": spec.max_tokens,
                     "logprobs": None, "n": 1}
-        self.teacher = build(TypeAdapter(Teacher).validate_python({**cfg, "sampling": sampling}))
+        judge = TypeAdapter(Teacher).validate_python({**cfg, "sampling": sampling, "replicas": 1})
+        worker = (context or {}).get("worker") or {"index": 0, "count": 1}
+        shares = min(worker["count"], judge.max_concurrency)
+        if shares > 1:  # this filter actor's share of the teacher's flow control
+            judge = judge.model_copy(update={"replicas": shares}).for_replica(worker["index"] % shares)
+        self.teacher = build(judge)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the client's, kept across batches
         self.s = spec
         rubric = load_rubric(spec.rubric)
         env = jinja2.Environment(undefined=jinja2.StrictUndefined)
@@ -91,9 +105,13 @@ class Judge(Filter):
         prompts = [self.prompt(r, s) for r, s in zip(rows, seeds)]
         requests = [{"row_id": r["row_id"], "messages": p, "seed": int(content_hash(["judge", r["row_id"]], size=4), 16)
                      & 0x7FFFFFFF} for r, p in zip(rows, prompts)]
-        # The teacher is async (its semaphore bounds the requests in flight); the filter
-        # worker is not, so each batch gets its own event loop.
-        gens = asyncio.run(self.teacher.generate(requests))
+        # The teacher is async (its limiter bounds the requests in flight); the filter
+        # worker is not, so it runs the batch on the judge's own loop, the same every
+        # batch: a new loop would mean a new client and limiter (budgets refilled,
+        # concurrency back to its slow start, new connections) every batch.
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        gens = self._loop.run_until_complete(self.teacher.generate(requests))
         out = []
         for p, gen in zip(prompts, gens):
             if gen.error:

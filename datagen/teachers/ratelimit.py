@@ -33,7 +33,8 @@ Not covered:
   it to a busy one, and each replica's bucket holds one second of its own share (at
   least one request), so a tiny budget over many replicas bursts a little more;
 - a judge filter that grades with the teacher runs its own client per filter actor,
-  with the whole teacher's budget;
+  the actors splitting the teacher's budgets evenly; that comes on top of what the
+  teacher's generation replicas use (no limiter is shared across processes);
 - the latency baseline is the lowest smoothed latency seen, creeping up by 0.1% a
   request so that a server that is simply slower now (longer prompts or answers)
   becomes the new normal instead of pinning the limit low; until it has crept up,
