@@ -121,6 +121,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.current: Exchange | None = None
         self.timer: asyncio.TimerHandle | None = None  # a delayed answer or a hang
+        self.reading = False  # inside _next: an answer given at once lets its loop go on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -135,6 +136,13 @@ class _Connection(asyncio.Protocol):
         self._next()
 
     def _next(self) -> None:
+        self.reading = True
+        try:
+            self._read()
+        finally:
+            self.reading = False
+
+    def _read(self) -> None:
         while self.current is None and not self.transport.is_closing():
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -163,7 +171,7 @@ class _Connection(asyncio.Protocol):
         self.server._concurrent -= h.counted
         if h.close_connection or h.headers.get("connection", "").lower() == "close":
             self.transport.close()
-        else:
+        elif not self.reading:  # (pipelined requests answered at once: no recursion)
             self._next()
 
     def later(self, seconds: float, then: Callable[[], None]) -> None:
