@@ -153,7 +153,7 @@ class OpenAICompatibleTeacher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._options: dict[str, Any] = {}
-        self._response_type: type | None = None
+        self._response_type: type | None = None  # the HTTP library's Response: see _call
         self._keys = itertools.count()
         self.limiter: Limiter | None = None
 
@@ -176,6 +176,11 @@ class OpenAICompatibleTeacher:
             self._client = client.copy(default_headers=omit)
             self._options = {"headers": {"x-stainless-retry-count": openai.Omit(),
                                          "x-stainless-read-timeout": openai.Omit()}}
+            # httpx2's or httpx's, by openai version (the module of the client's own Limits)
+            from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+            http = importlib.import_module(type(DEFAULT_CONNECTION_LIMITS).__module__.partition(".")[0])
+            self._response_type = http.Response
             c = self.cfg
             self.limiter = Limiter(
                 max_concurrency=c.max_concurrency, min_concurrency=c.min_concurrency,
@@ -201,17 +206,6 @@ class OpenAICompatibleTeacher:
             except RuntimeError:  # openai installed without its aiohttp extra
                 pass
         return openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.cfg.timeout_s)
-
-    def _raw_response(self) -> type:
-        """The HTTP library's Response class (httpx2's or httpx's, by openai version):
-        asked for as ``cast_to``, the client still maps every error status to its
-        exceptions but hands the body back unwrapped."""
-        if self._response_type is None:
-            from openai._constants import DEFAULT_CONNECTION_LIMITS
-
-            http = importlib.import_module(type(DEFAULT_CONNECTION_LIMITS).__module__.partition(".")[0])
-            self._response_type = http.Response
-        return self._response_type
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleTeacher(name={self.cfg.name!r}, base_url={self.cfg.base_url!r})"
@@ -308,10 +302,10 @@ class OpenAICompatibleTeacher:
         # message through a TypedDict transform and builds pydantic models of the answer,
         # which was over half the CPU per request at hundreds of requests/s. The answer
         # comes back as the HTTP response and is parsed here (the client's response
-        # wrapper was ~5%), and the idempotency key (unused by OpenAI's client, unique per
+        # wrapper was ~5%; the client still raises its exceptions on error statuses), and the idempotency key (unused by OpenAI's client, unique per
         # attempt as the client's own) is a counter rather than a uuid4.
         response = await self._client.post(
-            self._url, body=body, cast_to=self._raw_response(),
+            self._url, body=body, cast_to=self._response_type,
             options={**self._options, "idempotency_key": f"datagen-{next(self._keys)}"},
         )
         return self._parse(request["row_id"], json.loads(response.content))
