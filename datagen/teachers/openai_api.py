@@ -42,6 +42,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from datagen.config import OpenAITeacher
 from datagen.errors import ConfigError
+from datagen.teachers import eager
 from datagen.teachers.base import Generation
 from datagen.teachers.ratelimit import Limiter
 from datagen.teachers.tokenmap import TokenMap
@@ -164,6 +165,7 @@ class OpenAICompatibleTeacher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop = loop
+            eager.install(loop)  # Python 3.11: aiohttp's body writer starts at once (eager.py)
             client = openai.AsyncOpenAI(
                 base_url=self.cfg.base_url, api_key=self._key or "not-needed", max_retries=0,
                 timeout=self.cfg.timeout_s, http_client=self._http_client(),
@@ -304,6 +306,7 @@ class OpenAICompatibleTeacher:
         # comes back as the HTTP response and is parsed here (the client's response
         # wrapper was ~5%; the client still raises its exceptions on error statuses), and the idempotency key (unused by OpenAI's client, unique per
         # attempt as the client's own) is a counter rather than a uuid4.
+        eager.eager_tasks()
         response = await self._client.post(
             self._url, body=body, cast_to=self._response_type,
             options={**self._options, "idempotency_key": f"datagen-{next(self._keys)}"},

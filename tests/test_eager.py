@@ -1,0 +1,205 @@
+"""The eager task factory (datagen/teachers/eager.py): inside its scope a task's first
+step runs within create_task and the task then behaves as any task (results, errors,
+cancellation, context); outside it, tasks are made as before."""
+
+import asyncio
+import contextvars
+import sys
+
+import pytest
+
+from datagen.teachers import eager
+
+pytestmark = pytest.mark.skipif(not eager.NEEDED, reason="Python >= 3.12: aiohttp starts its writer eagerly")
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_eager_var", default="unset")
+
+
+def loops():
+    yield asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        return
+    yield uvloop.new_event_loop
+
+
+@pytest.fixture(params=list(loops()), ids=lambda f: f.__module__.split(".")[0])
+def run(request):
+    def runner(main):
+        loop = request.param()
+        try:
+            eager.install(loop)
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+    return runner
+
+
+def test_in_scope_the_first_step_runs_inside_create_task(run):
+    log = []
+
+    async def child():
+        log.append("first step")
+        await asyncio.sleep(0.01)
+        log.append("after suspending")
+        return 7
+
+    async def main():
+        eager.eager_tasks()
+        task = asyncio.ensure_future(child())
+        log.append("create_task returned")
+        assert not task.done()
+        return await task
+
+    assert run(main) == 7
+    assert log == ["first step", "create_task returned", "after suspending"]
+
+
+def test_out_of_scope_tasks_start_later_as_before(run):
+    log = []
+
+    async def child():
+        log.append("first step")
+
+    async def main():
+        task = asyncio.get_running_loop().create_task(child())
+        log.append("create_task returned")
+        await task
+        assert isinstance(task, asyncio.Task)
+
+    run(main)
+    assert log == ["create_task returned", "first step"]
+
+
+def test_a_task_done_in_its_first_step_comes_back_done(run):
+    async def child():
+        return "at once"
+
+    async def failing():
+        raise KeyError("boom")
+
+    async def main():
+        eager.eager_tasks()
+        ok, bad = asyncio.ensure_future(child()), asyncio.ensure_future(failing())
+        assert ok.done() and ok.result() == "at once"
+        assert bad.done()
+        with pytest.raises(KeyError):
+            await bad
+
+    run(main)
+
+
+def test_errors_values_and_cancellation_after_the_first_step(run):
+    cleaned = []
+
+    async def raises_later():
+        await asyncio.sleep(0)
+        raise ValueError("later")
+
+    async def echo(fut):
+        return await fut
+
+    async def sleeper():
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append("finally ran")
+
+    async def main():
+        eager.eager_tasks()
+        with pytest.raises(ValueError, match="later"):
+            await asyncio.ensure_future(raises_later())
+        fut = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(echo(fut))
+        fut.set_result("passed through")
+        assert await waiting == "passed through"
+        slow = asyncio.ensure_future(sleeper())
+        await asyncio.sleep(0)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert slow.cancelled()
+
+    run(main)
+    assert cleaned == ["finally ran"]
+
+
+def test_the_task_keeps_one_context_across_its_first_step(run):
+    async def child():
+        VAR.set("set in the first step")
+        await asyncio.sleep(0)
+        return VAR.get()
+
+    async def main():
+        eager.eager_tasks()
+        VAR.set("parent")
+        got = await asyncio.ensure_future(child())
+        assert VAR.get() == "parent"  # a copy, as for any task
+        return got
+
+    assert run(main) == "set in the first step"
+
+
+def test_install_chains_the_factory_already_there():
+    made = []
+
+    def factory(loop, coro, **kwargs):
+        made.append(coro.__qualname__.rpartition(".")[2] if "<locals>" in coro.__qualname__ else coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def child():
+        await asyncio.sleep(0)
+        return 1
+
+    async def main():
+        plain = await asyncio.ensure_future(child())
+        eager.eager_tasks()
+        eager_one = await asyncio.ensure_future(child())
+        return plain + eager_one
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_task_factory(factory)
+        eager.install(loop)
+        eager.install(loop)  # once only
+        assert loop.run_until_complete(main()) == 2
+    finally:
+        loop.close()
+    # main itself, the plain child, and the rest of the eager child after its first step
+    assert made == ["main", "child", "_Resumed.run"]
+
+
+def test_the_openai_teacher_installs_it_and_sends_bodies_eagerly():
+    """The one task the teacher's HTTP call spawns (aiohttp's body writer) starts eagerly."""
+    from datagen.config import OpenAITeacher
+    from datagen.teachers.openai_api import OpenAICompatibleTeacher
+    from datagen.testing.fake_openai import FakeOpenAIServer
+
+    spawned = []
+    original = eager._Factory.__call__
+
+    def spy(self, loop, coro, **kwargs):
+        if eager._EAGER.get():
+            spawned.append(coro.__qualname__)
+        return original(self, loop, coro, **kwargs)
+
+    with FakeOpenAIServer() as server:
+        teacher = OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+            "name": "t", "backend": "openai", "model": "fake", "base_url": server.base_url}))
+
+        async def main():
+            rows = await teacher.generate([{"row_id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}],
+                                            "seed": i} for i in range(5)])
+            assert isinstance(asyncio.get_running_loop().get_task_factory(), eager._Factory)
+            await teacher.aclose()
+            return rows
+
+        eager._Factory.__call__ = spy
+        try:
+            rows = asyncio.run(main())
+        finally:
+            eager._Factory.__call__ = original
+    assert [r.error for r in rows] == [None] * 5
+    assert spawned and all(name.endswith("write_bytes") for name in spawned), spawned
+    assert sys.version_info < (3, 12)
