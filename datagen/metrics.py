@@ -37,12 +37,15 @@ RATE_WINDOW = 5  # display rates are over the last few views (seconds), not sinc
 UPLOAD_EVERY_S = 60.0  # object stores: the least time between two uploads of the file
 
 
-def bounds(job: Any) -> dict[str, int]:
-    """The most each queue may hold, from the job's settings (the driver enforces them)."""
+def bounds(job: Any, limit: dict[str, int] | None = None) -> dict[str, int]:
+    """The most each queue may hold, from the job's settings (the driver enforces them);
+    ``limit``: the batches the driver keeps per replica of each teacher, once known."""
     from datagen.replicas import slots
 
     actors = sum(t.replicas for t in job.teachers)
-    teacher_inflight = sum(slots(t, job.runtime.inflight_per_actor) * t.replicas for t in job.teachers)
+    limit = limit or {}
+    teacher_inflight = sum((limit.get(t.name) or slots(t, job.runtime.inflight_per_actor)) * t.replicas
+                           for t in job.teachers)
     filter_inflight = job.runtime.filter_actors * job.runtime.inflight_per_actor
     return {
         "teacher_inflight_batches": teacher_inflight,
@@ -80,6 +83,7 @@ class RunMetrics:
         self.every_s = job.runtime.metrics_every_s
         self.store = store
         self.dashboard = dashboard
+        self.job = job
         self.bounds = bounds(job)
         self.replicas = {t.name: t.replicas for t in job.teachers}
         self.filter_actors = job.runtime.filter_actors
@@ -99,6 +103,11 @@ class RunMetrics:
     def watch(self, *, inflight: dict, ready: deque, actors: Any, filters: Any, dedup: Any = None) -> None:
         """The loop's own queues; read, never modified."""
         self._live = {"inflight": inflight, "ready": ready, "actors": actors, "filters": filters, "dedup": dedup}
+
+    def teacher_slots(self, limit: dict[str, int]) -> None:
+        """The driver's batches per replica, sized by what the started engines reported."""
+        self.bounds = bounds(self.job, limit)
+        self.maxima = {key: self.maxima.get(key, 0) for key in self.bounds}
 
     def pulled_one(self) -> None:
         self.pulled += 1

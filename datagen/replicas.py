@@ -25,7 +25,7 @@ from typing import Any
 from datagen.errors import DatagenError
 
 BATCH_MAX_REQUEUES = 3
-VLLM_DEFAULT_SEQS = 256  # vLLM's own max_num_seqs default on most GPUs and on CPU
+VLLM_DEFAULT_SEQS = 256  # vLLM's offline max_num_seqs on CPU and most GPUs (H100/H200: 1024), until an engine reports its own
 REPING_S = 1.0  # a ping that failed fast (the node's loss not yet noticed) is sent again this often
 
 
@@ -38,17 +38,19 @@ def lost_work_errors() -> tuple[type[BaseException], ...]:
     return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError)
 
 
-def slots(teacher: Any, inflight_per_actor: int) -> int:
+def slots(teacher: Any, inflight_per_actor: int, serves: int | None = None) -> int:
     """Batches the driver keeps on one replica of ``teacher``: ``inflight_per_actor``, or
     more when the backend serves more rows at once than that many batches hold (an API
     replica's share of ``max_concurrency``; an async vLLM engine's ``max_num_seqs``),
     plus one batch, so the backend is still full while a finished batch travels back.
     (At 16 rows a batch and 2 slots, an H100 engine that batches 256-1024 sequences would
-    otherwise decode 32 at a time.)"""
+    otherwise decode 32 at a time.) ``serves``: the sequences a started engine reported it
+    batches (its ``info()["max_num_seqs"]``, vLLM's default resolved on its own hardware);
+    without it, the config's ``max_num_seqs`` or vLLM's CPU default."""
     if teacher.backend == "openai":
         serves = teacher.for_replica(0).max_concurrency  # the largest share
     elif teacher.engine.batching == "async":
-        serves = teacher.engine.max_num_seqs or VLLM_DEFAULT_SEQS
+        serves = serves or teacher.engine.max_num_seqs or VLLM_DEFAULT_SEQS
     else:
         serves = 0  # offline: LLM.generate runs one batch at a time
     return max(inflight_per_actor, -(-serves // teacher.batch_size) + 1)

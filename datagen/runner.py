@@ -482,13 +482,16 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     exhausted = False
     lost: Counter = Counter()  # first row id of a batch -> times its work was lost
     consecutive_failures = 0
-    limit = {name: slots(t, job.runtime.inflight_per_actor) for name, t in teachers.items()}
+    # Sized by what each started engine reported it batches (async vLLM), else by config.
+    limit = {name: slots(t, job.runtime.inflight_per_actor, actors.info.get(name, {}).get("max_num_seqs"))
+             for name, t in teachers.items()}
     sampling = {name: t.sampling.model_dump(include={"temperature", "top_p", "max_tokens", "logprobs", "stop"})
                 for name, t in teachers.items()}
     # by the id rows carry in provenance.seed_ids (numbered rows have no id field)
     seeds = dict(zip(stream.template.seeds.ids, stream.template.seeds.rows))
     meter = stats.metrics
     meter.watch(inflight=inflight, ready=ready_batches, actors=actors, filters=filters, dedup=dedup)
+    meter.teacher_slots(limit)
 
     def route(stream_name: str, row: dict[str, Any], reason: str | None, tokens: int) -> None:
         store.add(stream_name, row)

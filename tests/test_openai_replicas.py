@@ -89,4 +89,7 @@ def test_slots_fill_what_the_backend_serves_at_once():
     eng = {"name": "v", "backend": "vllm", "model": "m", "batch_size": 16}
     assert slots(VLLMTeacher(**eng), 2) == VLLM_DEFAULT_SEQS // 16 + 1
     assert slots(VLLMTeacher(**eng, engine={"max_num_seqs": 1024}), 2) == 65
+    # what a started engine reported (an H100's offline default) wins over the guess
+    assert slots(VLLMTeacher(**eng), 2, serves=1024) == 65
+    assert slots(OpenAITeacher(**api, max_concurrency=4, batch_size=16), 2, serves=1024) == 2  # engines only
     assert slots(VLLMTeacher(**eng, engine={"batching": "offline"}), 3) == 3  # one batch runs at a time

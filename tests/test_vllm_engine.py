@@ -100,6 +100,18 @@ def test_engine_direct_logprobs_seeds_and_overlong_prompt(engine):
     assert info["license"] == "Apache-2.0" and info["tokenizer_fingerprint"].startswith("sha256:")
 
 
+def test_async_engine_batches_as_vllms_offline_defaults(engine):
+    """An engine built from args gets vLLM's generic 128 sequences a step unless it says it
+    serves offline work; it must batch as LLM.generate does on this hardware, and report it."""
+    from vllm.config import SchedulerConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    _, seqs = EngineArgs.get_batch_defaults(1)
+    assert engine.info()["max_num_seqs"] == seqs[UsageContext.LLM_CLASS] != SchedulerConfig.DEFAULT_MAX_NUM_SEQS
+    assert engine.engine.vllm_config.scheduler_config.max_num_seqs == engine.info()["max_num_seqs"]
+
+
 # Two fp32 implementations of the same 30-layer model (vLLM's CPU kernels vs torch's
 # eager ops) sum in different orders; their log-probs differ by ~1e-5..1e-4 (measured
 # max in the note). 2e-3 leaves room for that and is still 2.5x tighter than the 0.005

@@ -104,17 +104,24 @@ class VLLMEngineTeacher:
         self._ids = itertools.count()
         if cfg.engine.batching == "async":
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.usage.usage_lib import UsageContext
 
+            # vLLM sizes a batch by who asks: an engine built from args, as here, gets the
+            # generic defaults (128 sequences, 2048 tokens a step) unless told it serves an
+            # offline workload, which gets LLM.generate's (CPU 256 / 4096; H100 and H200
+            # 1024 / 16384). A dataset run is offline work: ask for those.
             self.engine = vllm.AsyncLLMEngine.from_engine_args(
-                AsyncEngineArgs(**kwargs, disable_log_stats=True))
+                AsyncEngineArgs(**kwargs, disable_log_stats=True), usage_context=UsageContext.LLM_CLASS)
             self.llm = None
             self.tokenizer = self.engine.get_tokenizer()
-            self.max_model_len = self.engine.model_config.max_model_len
+            config = self.engine.vllm_config
         else:
             self.llm = vllm.LLM(**kwargs)
             self.engine = None
             self.tokenizer = self.llm.get_tokenizer()
-            self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+            config = self.llm.llm_engine.vllm_config
+        self.max_model_len = config.model_config.max_model_len
+        self.max_num_seqs = config.scheduler_config.max_num_seqs  # what one step batches, resolved
         self.fingerprint = tokenizer_fingerprint(
             self.tokenizer.get_vocab(), getattr(self.tokenizer, "special_tokens_map", None)
         )
@@ -140,6 +147,7 @@ class VLLMEngineTeacher:
             "name": self.cfg.name, "backend": "vllm", "model": self.cfg.model,
             "revision": self.revision, "license": self.license,
             "tokenizer_fingerprint": self.fingerprint,
+            "max_num_seqs": self.max_num_seqs,  # sizes the driver's batches in flight (replicas.slots)
         }
 
     # ----------------------------------------------------------------- prompts
