@@ -12,9 +12,10 @@ traffic's shape:
 - so they leave together and come back together a round trip later: the bursts never
   disperse, and every request pays for its whole burst.
 
-With the 100 ms fake server at 128 in flight in one process this was ~8 ms per round
-trip, ~10% of the throughput (``benchmarks/bench_openai.py``; the sends then leave one by
-one, as each answer is parsed).
+Against the 100 ms fake server at 128 in flight in one process
+(``benchmarks/bench_openai.py --replicas 0 --inflight 128``) a request held its slot 108 ms
+on average and throughput was 0.90 of the ideal; with the writer started eagerly, each
+request leaves as soon as it is built: 101.6 ms and 0.97.
 
 ``install(loop)`` puts a task factory on the loop that starts a task eagerly, as
 Python 3.12's ``asyncio.eager_task_factory`` does, but only for tasks created inside
