@@ -167,7 +167,75 @@ def test_install_chains_the_factory_already_there():
     finally:
         loop.close()
     # main itself, the plain child, and the rest of the eager child after its first step
-    assert made == ["main", "child", "_Resumed.run"]
+    assert made == ["main", "child", "child"]
+
+
+def test_a_factory_that_takes_no_context_is_still_chained():
+    made = []
+
+    def old_style(loop, coro):  # (loop, coro), as factories written before 3.11 are
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop)
+
+    async def child():
+        VAR.set("first step")
+        await asyncio.sleep(0)
+        return VAR.get()
+
+    async def main():
+        eager.eager_tasks()
+        return await asyncio.ensure_future(child())
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_task_factory(old_style)
+        eager.install(loop)
+        assert loop.run_until_complete(main()) == "first step"
+    finally:
+        loop.close()
+    assert len(made) == 2  # main, and the eager child's continuation
+
+
+def test_a_cancel_before_the_task_resumes_reaches_the_coroutine_at_once(run):
+    """Cancelled between its eager first step and the task's first turn: the coroutine
+    gets the CancelledError at its await then (its cleanup runs before the caller goes
+    on), not at garbage collection."""
+    log = []
+
+    async def child():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            log.append("saw the cancel")
+            raise
+        finally:
+            log.append("cleaned up")
+
+    async def main():
+        eager.eager_tasks()
+        task = asyncio.ensure_future(child())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        log.append("caller goes on")
+        assert task.cancelled()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(child(), 0)
+
+    run(main)
+    assert log == ["saw the cancel", "cleaned up", "caller goes on", "saw the cancel", "cleaned up"]
+
+
+def test_exit_in_a_first_step_is_not_swallowed(run):
+    async def child():
+        raise SystemExit(3)
+
+    async def main():
+        eager.eager_tasks()
+        asyncio.ensure_future(child())
+
+    with pytest.raises(SystemExit):
+        run(main)
 
 
 def test_the_openai_teacher_installs_it_and_sends_bodies_eagerly():

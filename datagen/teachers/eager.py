@@ -29,6 +29,7 @@ nothing: aiohttp already starts its writer eagerly.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
 import sys
 from collections.abc import Coroutine, Generator
@@ -66,51 +67,71 @@ class _Factory:
         if not _EAGER.get():
             return self._task(loop, coro, **kwargs)
         # The first step runs now, in the context the task would have had.
-        context = kwargs.pop("context", None)
-        if context is None:
-            context = contextvars.copy_context()
+        given = kwargs.pop("context", None)
+        context = contextvars.copy_context() if given is None else given
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration as stop:  # done without suspending: no task to schedule
             done = loop.create_future()
             done.set_result(stop.value)
             return done
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             done = loop.create_future()
-            done.cancel()
+            done.cancel(*exc.args[:1])
             return done
-        except BaseException as exc:  # noqa: BLE001 - the task's outcome, as a task would hold it
+        except BaseException as exc:  # the task's outcome, as a task would hold it
             done = loop.create_future()
             done.set_exception(exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise  # as a task's step re-raises them
             return done
-        return self._task(loop, _Resumed(coro, waiting_on).run(), context=context, **kwargs)
+        resumed = _Resumed(coro, waiting_on)
+        if given is not None:
+            return self._task(loop, resumed, context=context, **kwargs)
+        # A factory called without a context may not take one; the task copies this
+        # context, which holds what the first step set.
+        return context.run(self._task, loop, resumed, **kwargs)
 
 
-class _Resumed:
-    """A coroutine suspended after its first step, driven on from there by a task."""
+class _Resumed(collections.abc.Coroutine):
+    """``coro`` after its eager first step, suspended on ``waiting_on``, for the task that
+    drives it on: the task's first ``send`` gets back what the first step waits on; every
+    later send, any ``throw`` (a cancel before that first send too) and ``close`` go
+    straight to ``coro``."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any):
-        self.coro, self.waiting_on = coro, waiting_on
+        self._coro, self._waiting_on, self._fresh = coro, waiting_on, True
+        self.__name__ = getattr(coro, "__name__", type(coro).__name__)
+        self.__qualname__ = getattr(coro, "__qualname__", self.__name__)
 
-    async def run(self) -> Any:
-        return await self
+    def send(self, value: Any) -> Any:
+        if self._fresh:
+            self._fresh = False
+            waiting_on, self._waiting_on = self._waiting_on, None
+            return waiting_on
+        return self._coro.send(value)
 
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, pending = self.coro, self.waiting_on
-        self.coro = self.waiting_on = None
+    def throw(self, *exc: Any) -> Any:
+        if self._fresh and isinstance(self._waiting_on, asyncio.Future):
+            self._waiting_on.cancel()  # what it waited on, no task will wait on now (as Task.cancel)
+        self._fresh, self._waiting_on = False, None
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._fresh, self._waiting_on = False, None
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, Any]:  # awaited directly rather than run by a task
+        step, arg = self.send, None
         while True:
-            # The task waits on what the coroutine yielded (a future, or None: a bare
-            # yield), then hands the outcome back in: a value, or an exception (cancel).
-            try:
-                value = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # noqa: BLE001 - thrown in by the task: pass it on
-                step, arg = coro.throw, exc
-            else:
-                step, arg = coro.send, value
             try:
                 pending = step(arg)
             except StopIteration as stop:
                 return stop.value
+            try:
+                arg, step = (yield pending), self.send
+            except GeneratorExit:
+                self.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - thrown in: pass it on
+                arg, step = exc, self.throw
