@@ -62,8 +62,9 @@ class VLLMEngine(Strict):
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards its layers over")
     pipeline_parallel_size: int = Field(1, ge=1, le=64, description="pipeline stages of one engine")
     quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...)")
-    max_num_seqs: int | None = Field(None, ge=1, description="sequences one engine step batches at most (default: vLLM's offline default for "
-                                       "the engine's hardware: 256 on CPU, 1024 on H100/H200)")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences one engine step batches at most (default: vLLM's offline "
+        "default for the engine's hardware: 256 on CPU, 1024 on H100/H200)")
     chat_template: str | None = Field(
         None, description="Jinja chat template (a file path, relative to the job file, or the text); "
         "default: the model's own"

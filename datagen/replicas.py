@@ -25,7 +25,8 @@ from typing import Any
 from datagen.errors import DatagenError
 
 BATCH_MAX_REQUEUES = 3
-VLLM_DEFAULT_SEQS = 256  # vLLM's offline max_num_seqs on CPU and most GPUs (H100/H200: 1024), until an engine reports its own
+# vLLM's offline max_num_seqs on CPU and most GPUs (H100/H200: 1024), until an engine reports its own
+VLLM_DEFAULT_SEQS = 256
 REPING_S = 1.0  # a ping that failed fast (the node's loss not yet noticed) is sent again this often
 
 
