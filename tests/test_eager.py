@@ -36,6 +36,25 @@ def run(request):
     return runner
 
 
+async def sets_var_then_yields():
+    """Sets VAR in its first step, suspends once, and returns what VAR then holds."""
+    VAR.set("set in the first step")
+    await asyncio.sleep(0)
+    return VAR.get()
+
+
+def run_on_loop_with_factory(factory, main, installs=1):
+    """``main`` on a fresh asyncio loop that has ``factory`` before the eager one."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_task_factory(factory)
+        for _ in range(installs):
+            eager.install(loop)
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
 def test_in_scope_the_first_step_runs_inside_create_task(run):
     log = []
 
@@ -126,15 +145,10 @@ def test_errors_values_and_cancellation_after_the_first_step(run):
 
 
 def test_the_task_keeps_one_context_across_its_first_step(run):
-    async def child():
-        VAR.set("set in the first step")
-        await asyncio.sleep(0)
-        return VAR.get()
-
     async def main():
         eager.eager_tasks()
         VAR.set("parent")
-        got = await asyncio.ensure_future(child())
+        got = await asyncio.ensure_future(sets_var_then_yields())
         assert VAR.get() == "parent"  # a copy, as for any task
         return got
 
@@ -158,14 +172,7 @@ def test_install_chains_the_factory_already_there():
         eager_one = await asyncio.ensure_future(child())
         return plain + eager_one
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.set_task_factory(factory)
-        eager.install(loop)
-        eager.install(loop)  # once only
-        assert loop.run_until_complete(main()) == 2
-    finally:
-        loop.close()
+    assert run_on_loop_with_factory(factory, main, installs=2) == 2  # installed once only
     # main itself, the plain child, and the rest of the eager child after its first step
     assert made == ["main", "child", "child"]
 
@@ -177,22 +184,11 @@ def test_a_factory_that_takes_no_context_is_still_chained():
         made.append(coro)
         return asyncio.Task(coro, loop=loop)
 
-    async def child():
-        VAR.set("first step")
-        await asyncio.sleep(0)
-        return VAR.get()
-
     async def main():
         eager.eager_tasks()
-        return await asyncio.ensure_future(child())
+        return await asyncio.ensure_future(sets_var_then_yields())
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.set_task_factory(old_style)
-        eager.install(loop)
-        assert loop.run_until_complete(main()) == "first step"
-    finally:
-        loop.close()
+    assert run_on_loop_with_factory(old_style, main) == "set in the first step"
     assert len(made) == 2  # main, and the eager child's continuation
 
 

@@ -304,8 +304,9 @@ class OpenAICompatibleTeacher:
         # message through a TypedDict transform and builds pydantic models of the answer,
         # which was over half the CPU per request at hundreds of requests/s. The answer
         # comes back as the HTTP response and is parsed here (the client's response
-        # wrapper was ~5%; the client still raises its exceptions on error statuses), and the idempotency key (unused by OpenAI's client, unique per
-        # attempt as the client's own) is a counter rather than a uuid4.
+        # wrapper was ~5%; the client still raises its exceptions on error statuses).
+        # The idempotency key (unused by OpenAI's client, unique per attempt as the
+        # client's own) is a counter rather than a uuid4.
         eager.eager_tasks()
         response = await self._client.post(
             self._url, body=body, cast_to=self._response_type,
