@@ -5,7 +5,7 @@
 
 (a) throughput: completion tokens/s of
       bare     ``vllm.LLM.generate`` on every prompt at once (vLLM's own best case: one
-               call, the whole workload in its scheduler), engine start excluded;
+               call, the whole workload in its scheduler), engine start and warm-up excluded;
       datagen  the same prompts, seeds and sampling through ``datagen run``'s path (Ray
                actor, batches of ``--batch`` rows, filters, Parquet commits), from teachers
                ready to the last commit, for ``engine.batching: async`` and ``offline``.
@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -82,6 +83,7 @@ def bare(args, job_path: Path) -> tuple[float, int, list]:
     teacher = VLLMEngineTeacher(cfg)  # the offline engine: this *is* vllm.LLM
     try:
         reqs = list(stream)
+        asyncio.run(teacher.warmup())  # as the datagen actor does before it reports ready
         prompts = [{"prompt_token_ids": teacher.prompt_ids(r.messages)} for r in reqs]
         params = [teacher._params(r.seed) for r in reqs]
         t = time.perf_counter()

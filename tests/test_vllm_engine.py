@@ -183,3 +183,27 @@ def _near_ties(g, r) -> bool:
     """Top-k sets may differ only where the k-th and (k+1)-th are within tolerance."""
     return all(set(a) == set(b) or abs(la[-1] - lb[-1]) <= PARITY_TOL
                for a, b, la, lb in zip(g.top_ids, r.top_ids, g.top_logprobs, r.top_logprobs))
+
+
+def test_text_is_what_vllms_own_detokenizer_gives(engine):
+    """Rows carry token ids: the engine does not decode each top-k alternative (nor the
+    text, step by step) for nothing. The text, decoded once at the end, must be vLLM's."""
+    asks = [ASK, [{"role": "user", "content": "Write one sentence about the sea."}],
+            [{"role": "user", "content": "List five fruits, one per line."}]]
+    reqs = [{"row_id": str(i), "messages": m, "seed": 40 + i} for i, m in enumerate(asks)]
+    assert engine._params(1).detokenize is False
+    gens = engine.run(engine.generate(reqs))
+    ids = [engine.prompt_ids(m) for m in asks]
+    outs = engine.run(engine._run(ids, [engine._params(r["seed"], detokenize=True) for r in reqs]))
+    for g, o in zip(gens, outs):
+        assert list(o.outputs[0].token_ids) == g.token_ids  # the same sample ...
+        assert o.outputs[0].text == g.text and g.text.strip()  # ... and vLLM's text for it
+    # Stop strings are matched on text as vLLM decodes it: then it decodes.
+    cfg = engine.cfg
+    engine.cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": ["\n"]})})
+    try:
+        assert engine._params(1).detokenize is True
+        (s,) = engine.run(engine.generate(reqs[2:]))
+        assert s.finish_reason == "stop" and "\n" not in s.text and s.text.strip()
+    finally:
+        engine.cfg = cfg

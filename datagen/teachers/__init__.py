@@ -59,10 +59,24 @@ class TeacherActor:
 
         teacher = TypeAdapter(Teacher).validate_python(cfg)
         self.teacher = build(teacher)
+        self._warm: Any = None  # the warm-up task, started by the first ``info`` call
         if teacher.backend == "openai":
             _collect_less()
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
+        """What the teacher is (provenance, batch size); answers once its engine is warm.
+
+        The runner's first call (start-up) and its liveness pings both come here, so a
+        replica counts as started, or back after a restart, only when it can take a batch
+        at full speed. Warm-up runs on the actor's own event loop, where the engine's
+        output handler must live. API teachers have none: nothing is sent to a provider."""
+        import asyncio
+
+        warmup = getattr(self.teacher, "warmup", None)
+        if warmup is not None:
+            if self._warm is None:
+                self._warm = asyncio.ensure_future(warmup())
+            await asyncio.shield(self._warm)  # concurrent callers share one warm-up
         return self.teacher.info()
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

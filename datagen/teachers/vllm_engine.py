@@ -100,6 +100,9 @@ class VLLMEngineTeacher:
             raise MissingExtra("vllm", "cpu" if on_cpu else "gpu", f"teacher {cfg.name!r} (backend vllm)") from None
 
         kwargs, self.revision, self.license = engine_kwargs(cfg)
+        # Logprobs as a few flat lists per request, not a dict of objects per token: the
+        # engine's front end builds them every step (vLLM >= 0.12; older ones: dicts).
+        self._flat_logprobs = "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ())
         self.chat_template = _read_chat_template(cfg)
         self._ids = itertools.count()
         if cfg.engine.batching == "async":
@@ -165,7 +168,12 @@ class VLLMEngineTeacher:
         s = self.cfg.sampling
         kw: dict[str, Any] = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed,
                                   logprobs=s.logprobs, stop=s.stop or None,
-                                  output_kind=RequestOutputKind.FINAL_ONLY)
+                                  output_kind=RequestOutputKind.FINAL_ONLY,
+                                  # Stop strings are matched on text as it is decoded; else
+                                  # the text is decoded once, at the end (_to_generation).
+                                  detokenize=bool(s.stop))
+        if self._flat_logprobs:
+            kw["flat_logprobs"] = True
         kw.update(over)
         return SamplingParams(**kw)
 
@@ -188,6 +196,21 @@ class VLLMEngineTeacher:
             raise
 
     # ----------------------------------------------------------------- generate
+
+    async def warmup(self) -> None:
+        """Build what vLLM compiles on first use, now rather than in the first batch.
+
+        vLLM ``torch.compile``s parts of its sampler lazily: the logprob ranks
+        (``batched_count_greater_than``) on the first step that asks for logprobs, again
+        (shape-generic) on the first step with another batch size, plus a compiler probe of
+        the CPU. That is ~4 s on CPU, a Triton build on GPU, and it landed in the first
+        batch: a short run's throughput and the first batches' latency carried it. Four
+        tiny requests with this teacher's own sampling, finishing one step apart (batch
+        sizes 4, 3, 2, 1), go through the same paths. The Ray actor runs this before it
+        first answers, so it counts in start-up (``TeacherActor.info``).
+        """
+        ids = self.prompt_ids([{"role": "user", "content": "Hello."}])
+        await self._run([ids] * 4, [self._params(i, max_tokens=n) for i, n in enumerate((1, 2, 3, 4))])
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[Generation]:
         results: dict[str, Generation] = {}
@@ -213,8 +236,10 @@ class VLLMEngineTeacher:
 
     def _to_generation(self, row_id: str, out: Any, latency: float) -> Generation:
         c = out.outputs[0]
+        # What vLLM's detokenizer gives (special tokens skipped), decoded in one call.
+        text = c.text if self.cfg.sampling.stop else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         g = Generation(
-            row_id=row_id, text=c.text, finish_reason=c.finish_reason,
+            row_id=row_id, text=text, finish_reason=c.finish_reason,
             prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=len(c.token_ids),
             latency_s=latency,
         )
@@ -289,9 +314,18 @@ def _die_for_restart(exc: BaseException) -> None:
 def _positions(tokens: Any, logprobs: Any, k: int) -> tuple[list[float], list[list[int]], list[list[float]]]:
     """Per position: the given token's logprob and the top-k (ids, logprobs), most likely first.
 
-    vLLM's dict at a position holds the top-k plus the given token when it ranked below k.
+    ``logprobs`` is vLLM's ``FlatLogprobs`` (each position: the given token, then the top-k
+    in rank order, in flat lists) or, from a vLLM without it, a list of dicts holding the
+    top-k plus the given token when it ranked below k.
     """
     lps, top_ids, top_lps = [], [], []
+    if hasattr(logprobs, "start_indices"):
+        ids, values = logprobs.token_ids, logprobs.logprobs
+        for start in logprobs.start_indices[:len(tokens)]:
+            lps.append(values[start])
+            top_ids.append(ids[start + 1:start + 1 + k])
+            top_lps.append(values[start + 1:start + 1 + k])
+        return lps, top_ids, top_lps
     for tok, pos in zip(tokens, logprobs):
         lps.append(pos[tok].logprob)
         top = sorted(pos.items(), key=lambda kv: kv[1].rank)[:k]
