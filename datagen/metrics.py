@@ -135,7 +135,7 @@ class RunMetrics:
     def close(self, stats: Any) -> None:
         """The last line (after the final commit), then the file is closed (and uploaded).
         The display's last frame shows the same figures."""
-        self.view = self._write(stats, time.monotonic(), final=True)["stages"]
+        self.view = self._write(stats, stats.generation_ended or time.monotonic(), final=True)["stages"]
         self.log.close()
 
     # -- figures ---------------------------------------------------------------------

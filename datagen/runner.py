@@ -36,6 +36,13 @@ from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_wo
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
+# Ray lowers each worker process to nice 15 so user code cannot starve its raylet. An
+# engine is the run's bottleneck, and its CPU kernels run threads that wait on one another
+# at every step: at nice 15 each wake-up of the driver, the raylet or an idle worker (all
+# at nice 0) preempts one of those threads and holds up the step. Engine actors, and the
+# processes they start, keep the normal priority: the same as Ray's daemons, which they
+# then share the CPUs with fairly. (Ray's job supervisor does the same for itself.)
+ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 @dataclass
@@ -44,6 +51,7 @@ class RunStats:
     skipped: int = 0  # already committed before this run started
     started: float = field(default_factory=time.monotonic)
     teachers_ready: float | None = None  # when every actor answered its first call
+    generation_ended: float | None = None  # when the last row was committed (teardown not counted)
     counts: Counter = field(default_factory=Counter)  # stream -> rows this run
     reasons: Counter = field(default_factory=Counter)  # (stream, reason) -> rows this run
     prompt_tokens: int = 0
@@ -71,8 +79,12 @@ class RunStats:
 
     @property
     def generating_s(self) -> float:
-        """Seconds since the teachers were ready: the denominator of throughput figures."""
-        return time.monotonic() - self.teachers_ready if self.teachers_ready else 0.0
+        """Seconds from teachers ready to the last row committed (or now, while the run
+        goes on): the denominator of throughput figures. Stopping Ray and its engines
+        afterwards (seconds for a vLLM engine) is not generating."""
+        if not self.teachers_ready:
+            return 0.0
+        return (self.generation_ended or time.monotonic()) - self.teachers_ready
 
 
 def run_fingerprint(job: Job, stream_hash: str) -> str:
@@ -211,6 +223,7 @@ class _Actors:
             # Waits on HTTP: 0 by default, so it never starves a small machine; on a
             # cluster whose head has 0 CPUs, num_cpus >= 1 keeps it on the worker nodes.
             return opts | {"num_cpus": t.num_cpus}
+        opts["runtime_env"] = ENGINE_RUNTIME_ENV
         if t.engine.gpus_per_engine == 1:
             return opts | {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
         group = placement_for(t)
@@ -394,6 +407,7 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
             # Rows already received are complete: commit them. In-flight batches are not
             # committed; `datagen resume` regenerates them under the same ids.
             store.commit_all()
+            stats.generation_ended = time.monotonic()
             if dedup is not None and not stats.interrupted:
                 _finish_dedupe(job, store, dedup, stats)
             if dedup is not None and dedup.rebuilds:

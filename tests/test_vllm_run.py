@@ -78,6 +78,8 @@ def killed_run(tmp_path_factory):
         if not killed and stats.generated >= 4:
             pids = _teacher_actor_pids()
             assert len(pids) == 1, pids
+            # Ray's workers run at nice 15; the engine's actor at the normal priority.
+            assert os.getpriority(os.PRIO_PROCESS, pids[0]) == 0
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
@@ -102,6 +104,9 @@ def test_a_killed_vllm_actor_costs_time_not_rows(killed_run):
     assert set(ids) == expected
     assert store.manifest.counts()["failed"] == 0
     assert not stats.interrupted
+    # Throughput's denominator ends at the last commit, not when Ray and the engine are stopped.
+    generating = stats.generating_s
+    assert stats.teachers_ready < stats.generation_ended and generating == stats.generating_s > 0
     assert datagen("verify", str(out)).returncode == 0
 
 
