@@ -36,13 +36,14 @@ from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_wo
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
-# Ray lowers each worker process to nice 15 so user code cannot starve its raylet. An
-# engine is the run's bottleneck, and its CPU kernels run threads that wait on one another
-# at every step: at nice 15 each wake-up of the driver, the raylet or an idle worker (all
-# at nice 0) preempts one of those threads and holds up the step. Engine actors, and the
-# processes they start, keep the normal priority: the same as Ray's daemons, which they
-# then share the CPUs with fairly. (Ray's job supervisor does the same for itself.)
-ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+# Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
+# teachers are the run's throughput stage, so their actors (and the processes they start)
+# keep the normal priority, the same as the driver and Ray's daemons, sharing the CPUs
+# with them fairly (Ray's job supervisor does the same for itself). Below them, every
+# wake-up of the driver, the raylet or an idle worker preempted a teacher: for a vLLM
+# engine on CPU, whose threads wait on one another at every step, that held up each step
+# it landed in (benchmarks/bench_vllm.py); an API teacher's event loop answered late.
+TEACHER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 @dataclass
@@ -218,12 +219,12 @@ class _Actors:
         self._starting = {a.info.remote(): name for name, actors in self.by_teacher.items() for a in actors}
 
     def _options(self, t: Any) -> dict[str, Any]:
-        opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+        opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS,
+                                "runtime_env": TEACHER_RUNTIME_ENV}
         if t.backend != "vllm":
             # Waits on HTTP: 0 by default, so it never starves a small machine; on a
             # cluster whose head has 0 CPUs, num_cpus >= 1 keeps it on the worker nodes.
             return opts | {"num_cpus": t.num_cpus}
-        opts["runtime_env"] = ENGINE_RUNTIME_ENV
         if t.engine.gpus_per_engine == 1:
             return opts | {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
         group = placement_for(t)

@@ -98,20 +98,19 @@ class Priority:
         return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def test_engine_actors_keep_the_normal_cpu_priority(emulated_gpus):
-    """Ray lowers its worker processes to nice 15; an engine actor (and the processes it
-    starts) must not be below the driver and Ray's own daemons (see runner._Actors)."""
+def test_teacher_actors_keep_the_normal_cpu_priority(emulated_gpus):
+    """Ray lowers its worker processes to nice 15; a teacher actor (and the engine
+    processes it starts) must not be below the driver and Ray's daemons (runner._Actors)."""
     from types import SimpleNamespace
 
     from datagen.config import OpenAITeacher
     from datagen.runner import _Actors
 
     assert ray.get(Priority.remote().nice.remote(), timeout=60) == 15  # Ray's default for workers
-    for t in (_teacher(tp=1), _teacher(tp=2)):
+    api = OpenAITeacher.model_validate({"name": "api", "backend": "openai", "model": "m", "base_url": "http://x"})
+    for t in (_teacher(tp=1), _teacher(tp=2), api):
         made = SimpleNamespace(groups=[])
         opts = _Actors._options(made, t)
         assert ray.get(Priority.options(runtime_env=opts["runtime_env"]).remote().nice.remote(), timeout=60) == 0
         for group in made.groups:
             ray.util.remove_placement_group(group)
-    api = OpenAITeacher.model_validate({"name": "api", "backend": "openai", "model": "m", "base_url": "http://x"})
-    assert "runtime_env" not in _Actors._options(SimpleNamespace(groups=[]), api)
