@@ -161,6 +161,13 @@ class VLLMEngineTeacher:
         # transformers 5 may still hand back a BatchEncoding: take its ids, not its keys.
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    @property
+    def _engine_decodes(self) -> bool:
+        """Stop strings are matched on text as vLLM decodes it, step by step; without them
+        the engine decodes nothing (not the text, not each top-k alternative) and a row's
+        text is decoded once, at the end (``_to_generation``)."""
+        return bool(self.cfg.sampling.stop)
+
     def _params(self, seed: int | None, **over: Any):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -168,10 +175,7 @@ class VLLMEngineTeacher:
         s = self.cfg.sampling
         kw: dict[str, Any] = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed,
                                   logprobs=s.logprobs, stop=s.stop or None,
-                                  output_kind=RequestOutputKind.FINAL_ONLY,
-                                  # Stop strings are matched on text as it is decoded; else
-                                  # the text is decoded once, at the end (_to_generation).
-                                  detokenize=bool(s.stop))
+                                  output_kind=RequestOutputKind.FINAL_ONLY, detokenize=self._engine_decodes)
         if self._flat_logprobs:
             kw["flat_logprobs"] = True
         kw.update(over)
@@ -236,8 +240,8 @@ class VLLMEngineTeacher:
 
     def _to_generation(self, row_id: str, out: Any, latency: float) -> Generation:
         c = out.outputs[0]
-        # What vLLM's detokenizer gives (special tokens skipped), decoded in one call.
-        text = c.text if self.cfg.sampling.stop else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        # else what vLLM's detokenizer gives (special tokens skipped), decoded in one call
+        text = c.text if self._engine_decodes else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         g = Generation(
             row_id=row_id, text=text, finish_reason=c.finish_reason,
             prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=len(c.token_ids),
