@@ -240,7 +240,7 @@ class VLLMEngineTeacher:
 
     def _to_generation(self, row_id: str, out: Any, latency: float) -> Generation:
         c = out.outputs[0]
-        # else what vLLM's detokenizer gives (special tokens skipped), decoded in one call
+        # Otherwise: what vLLM's detokenizer would give (special tokens skipped), in one call.
         text = c.text if self._engine_decodes else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         g = Generation(
             row_id=row_id, text=text, finish_reason=c.finish_reason,
