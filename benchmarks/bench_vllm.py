@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vllm.py                  # embedded SmolLM2-135M on CPU
     .venv/bin/python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-1.5B-Instruct --gpus 1
+    .venv/bin/python benchmarks/bench_vllm.py --eager --modes async --layers --repeat 3  # where the gap is
 
 (a) throughput: completion tokens/s of
       bare     ``vllm.LLM.generate`` on every prompt at once (vLLM's own best case: one
@@ -12,6 +13,11 @@
     The ratio datagen/bare is the cost of the product around the engine. The prompts ask
     for answers of very different lengths, so a batch-at-a-time engine waits on its
     longest sequence while the async engine keeps refilling.
+    ``--layers`` first times the async backend by itself, fed the run's batches all at
+    once: in this process (no Ray, no driver), then in its Ray actor as the run deploys
+    it (driver only collecting). Each layer's ratio shows what that layer costs.
+    Run to run, bare alone varies by ~5% on a small shared machine; ``--repeat N`` runs
+    the whole set N times, alternating, and prints the median of each ratio.
 (c) storage: on-disk bytes per generated token of the KD columns (token ids, sampled
     logprob, top-k ids and logprobs) in the datagen run's shards, and the max absolute
     error of the stored log-probs against the float values bare vLLM returned.
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -97,6 +104,68 @@ def bare(args, job_path: Path) -> tuple[float, int, list]:
     return secs, tokens, floats
 
 
+def batches_of(args, job_path: Path) -> list[list[dict]]:
+    """The run's requests, cut into the batches the runner sends."""
+    from datagen import runner
+    from datagen.config import load_job
+
+    stream, _ = runner.prepare(load_job(job_path))
+    reqs = [{"row_id": r.row_id, "messages": r.messages, "seed": r.seed} for r in stream]
+    return [reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)]
+
+
+def backend_in_process(args, job_path: Path) -> tuple[float, int]:
+    """The async backend class alone (no Ray, no driver): every batch at once, as the run sends them."""
+    from datagen.config import VLLMTeacher
+    from datagen.teachers.vllm_engine import VLLMEngineTeacher
+
+    batches = batches_of(args, job_path)
+    teacher = VLLMEngineTeacher(VLLMTeacher.model_validate(teacher_cfg(args, "async")))
+    loop = asyncio.new_event_loop()  # the engine's output handler lives on the loop that first awaits it
+    try:
+        loop.run_until_complete(teacher.warmup())
+
+        async def every_batch() -> list:
+            return await asyncio.gather(*(teacher.generate(b) for b in batches))
+
+        t = time.perf_counter()
+        outs = loop.run_until_complete(every_batch())
+        secs = time.perf_counter() - t
+    finally:
+        async def close() -> None:  # on the loop, so the engine's cancelled output handler ends there
+            teacher.close()
+            await asyncio.sleep(0)
+
+        loop.run_until_complete(close())
+        loop.close()
+    return secs, sum(g.completion_tokens or 0 for b in outs for g in b)
+
+
+def backend_in_actor(args, job_path: Path) -> tuple[float, int]:
+    """The same, in its Ray actor as the run deploys it (runner._Actors), the driver only collecting."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from datagen.config import Runtime, VLLMTeacher
+    from datagen.runner import _Actors, init_ray
+
+    batches = batches_of(args, job_path)
+    cfg = VLLMTeacher.model_validate(teacher_cfg(args, "async"))
+    started = init_ray(Runtime(num_cpus=os.cpu_count()))
+    try:
+        actors = _Actors(SimpleNamespace(teachers=[cfg]))
+        actors.wait_started(600, lambda: False)  # engine start and warm-up, excluded
+        actor = actors.by_teacher[cfg.name][0]
+        t = time.perf_counter()
+        outs = ray.get([actor.generate.remote(b) for b in batches])
+        secs = time.perf_counter() - t
+    finally:
+        if started:
+            ray.shutdown()
+    return secs, sum(g["completion_tokens"] or 0 for b in outs for g in b)
+
+
 def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
     from datagen import runner
     from datagen.config import load_job
@@ -145,22 +214,44 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20, help="top-k logprobs")
     p.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower decode on CPU)")
     p.add_argument("--modes", default="async,offline")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run bare and datagen this many times, alternating, and print each ratio's median")
+    p.add_argument("--layers", action="store_true",
+                   help="also time the async backend alone, in this process and in its Ray actor (where a gap is)")
     args = p.parse_args()
     print(f"python {sys.version.split()[0]}, cpus {len(os.sched_getaffinity(0))}, model {args.model}, "
           f"{args.prompts} prompts, max_tokens {args.max_tokens}, batch {args.batch} x {args.inflight} in flight, "
           f"top-{args.k}")
     with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        jobs = {m: write_job(d, args, m) for m in args.modes.split(",")}
-        secs, tokens, floats = bare(args, next(iter(jobs.values())))
-        base = tokens / secs
-        print(f"(a) bare vllm.LLM.generate        {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
-        outs = {}
-        for mode, path in jobs.items():
-            s, n, out, startup = through_datagen(path)
-            outs[mode] = out
-            print(f"(a) datagen batching={mode:<8}    {n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
-                  f"ratio {n / s / base:.3f}  (engine start {startup:.0f} s, excluded)")
+        ratios: dict[str, list[float]] = {}
+        for rep in range(args.repeat):
+            rd = Path(d) / f"rep{rep}"  # fresh outputs: a run into an existing one would resume it
+            rd.mkdir()
+            jobs = {m: write_job(rd, args, m) for m in args.modes.split(",")}
+            secs, tokens, rep_floats = bare(args, next(iter(jobs.values())))
+            base = tokens / secs
+            at = f" #{rep + 1}" if args.repeat > 1 else ""
+            print(f"(a) bare vllm.LLM.generate{at:<6s}  {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
+            if args.layers:
+                for name, layer in (("backend in process", backend_in_process),
+                                    ("backend in Ray actor", backend_in_actor)):
+                    s, n = layer(args, jobs.get("async") or write_job(rd, args, "async"))
+                    ratios.setdefault(name, []).append(n / s / base)
+                    print(f"(a) {name + at:<30s} {n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
+                          f"ratio {n / s / base:.3f}")
+            rep_outs = {}
+            for mode, path in jobs.items():
+                s, n, out, startup = through_datagen(path)
+                rep_outs[mode] = out
+                ratios.setdefault(f"datagen batching={mode}", []).append(n / s / base)
+                print(f"(a) datagen batching={mode:<8}{at:<6s}{n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
+                      f"ratio {n / s / base:.3f}  (engine start {startup:.0f} s, excluded)")
+            if rep == 0:
+                outs, floats = rep_outs, rep_floats
+        if args.repeat > 1:
+            for name, rs in ratios.items():
+                print(f"(a) median of {len(rs)} ratios, {name:<26s} {statistics.median(rs):.3f}  "
+                      f"({', '.join(f'{r:.3f}' for r in rs)})")
         size, ntok = kd_bytes(next(iter(outs.values())))
         per = {c: b / ntok for c, b in size.items()}
         print(f"(c) stored KD columns: {sum(per.values()):.1f} bytes per generated token at k={args.k} "

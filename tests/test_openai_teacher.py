@@ -50,7 +50,7 @@ def test_plain_answer_with_usage(server):
     assert g.token_ids is None  # logprobs not asked for
 
 
-@pytest.mark.parametrize("kind", ["429", "408", "500", "503", "malformed", "truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["429", "408", "500", "503", "malformed", "truncated", "garbage", "undecodable"])
 def test_transient_faults_are_retried(server, kind):
     server.inject(kind, times=2, retry_after=0.05)
     [g] = ask(teacher(server), "hi")
@@ -132,6 +132,7 @@ def test_request_budget_paces_requests(server):
 
 @pytest.mark.parametrize("kind,code", [("500", "teacher.http_500"), ("malformed", "teacher.malformed_response"),
                                        ("garbage", "teacher.malformed_response"),
+                                       ("undecodable", "teacher.malformed_response"),
                                        ("truncated", "teacher.")])
 def test_persistent_fault_becomes_failed_row_with_reason(server, kind, code):
     server.inject(kind, times=None)
@@ -188,8 +189,13 @@ def test_retry_after_parsing():
     assert _retry_after(E({"retry-after": "2.5"})) == 2.5
     assert _retry_after(E({"retry-after-ms": "1500"})) == 1.5
     assert _retry_after(E({"retry-after": "999"})) == 60.0  # capped
-    for bad in ("nan", "-3", "soon"):
+    for bad in ("nan", "-3", "soon", "0", "0.0"):
         assert _retry_after(E({"retry-after": bad})) is None
+    # "Retry now" is no hint (every rejected request would come back at once, unjittered);
+    # a header that cannot be read does not hide the other one.
+    assert _retry_after(E({"retry-after-ms": "0"})) is None
+    assert _retry_after(E({"retry-after-ms": "soon", "retry-after": "3"})) == 3.0
+    assert _retry_after(E({"retry-after-ms": "0", "retry-after": "2"})) == 2.0
     import email.utils
     import time as _t
 
@@ -344,3 +350,47 @@ def test_generation_dict_is_the_dataclass_fields():
     g = Generation(row_id="r", text="x", token_ids=[1, 2], top_ids=[[1, 3], [2, 4]], top_logprobs=[[-0.1, -2.0]] * 2)
     assert g.to_dict() == dataclasses.asdict(g)
     assert list(g.to_dict()) == [f.name for f in dataclasses.fields(g)]
+
+
+def test_server_values_that_no_column_can_hold_are_refused_or_dropped(tmp_path):
+    """A 2xx answer whose values are the wrong type or out of the columns' range: the row
+    is still written, with what can be trusted (or fails with a reason, for text that is
+    not Unicode); nothing reaches the Parquet writer that would stop the whole run."""
+    from datagen import records
+    from datagen.shards import ShardStore
+    from datagen.teachers.openai_api import MalformedResponse
+
+    t = OpenAICompatibleTeacher(OpenAITeacher.model_validate({
+        "name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+        "sampling": {"logprobs": 1}}))
+
+    def answer(*, content="ok", finish=None, usage=None, token="token_id:5", logprob=-0.5):
+        pos = {"token": token, "logprob": logprob, "bytes": None}
+        return {"choices": [{"message": {"content": content}, "finish_reason": finish,
+                             "logprobs": {"content": [{**pos, "top_logprobs": [pos]}]}}],
+                "usage": usage or {}}
+
+    gens = [
+        t._parse("a", answer(finish=5)),
+        t._parse("b", answer(finish={"why": "stop"})),
+        t._parse("c", answer(usage={"prompt_tokens": 2**32 - 1, "completion_tokens": 3})),
+        t._parse("d", answer(token="token_id:99999999999")),
+        t._parse("e", answer(token="token_id:-1")),
+        t._parse("f", answer(logprob=10**400)),
+    ]
+    assert gens[0].finish_reason is None and gens[1].finish_reason is None
+    assert gens[2].prompt_tokens is None and gens[2].completion_tokens == 3  # unknown, not wrapped
+    for g in gens[3:]:  # an id no vocabulary has, a log-prob no float holds: unavailable
+        assert g.text == "ok" and g.token_ids is g.token_logprobs is g.top_ids is g.top_logprobs is None
+    with pytest.raises(MalformedResponse, match="not valid Unicode"):
+        t._parse("g", json.loads('{"choices": [{"message": {"content": "a\\ud800"}}]}'))
+
+    rows = []
+    for g in gens:
+        row = records.empty_row()
+        row.update(row_id=g.row_id, prompt_id="p", sample_index=0, messages=[{"role": "user", "content": "q"}],
+                   response=g.text, finish_reason=g.finish_reason, token_ids=g.token_ids,
+                   usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                          "cost_usd": None})
+        rows.append(row)
+    assert records.to_table(rows).num_rows == len(gens)  # the writer's own conversion

@@ -196,6 +196,18 @@ def test_token_budget_uses_the_estimate_then_the_reported_usage():
     run(go())
 
 
+def test_an_impossible_usage_report_owes_at_most_a_minute():
+    async def go():
+        c = Clock()
+        lim = limiter(c, adaptive=False, tokens_per_minute=600)  # 10 tokens/s
+        t = await lim.acquire(tokens=10)
+        lim.release(t, ok=True, used_tokens=2**32 - 1)  # a server's unsigned wrap-around
+        t2 = await lim.acquire(tokens=10)
+        assert t2.started == pytest.approx(60.0 + 1.0)  # a minute of debt, then one bucket; not 13 years
+
+    run(go())
+
+
 def test_token_bucket_never_overfills():
     b = TokenBucket(60, now=0.0)  # 1/s, holds 1
     b.give(100)

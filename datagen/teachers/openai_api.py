@@ -50,6 +50,9 @@ from datagen.teachers.tokenmap import TokenMap
 RETRY_AFTER_CAP_S = 60.0
 ID_PREFIX = "token_id:"  # how a vLLM server names a token by id (return_tokens_as_token_ids)
 _ID_CUT = len(ID_PREFIX)
+# What a row's columns hold (records.SCHEMA: int32 ids and counts). A token id or a count
+# beyond them is a server bug, not data: unavailable, like any other value we cannot use.
+MAX_ID = MAX_COUNT = 2**31 - 1
 
 
 class MalformedResponse(Exception):
@@ -73,28 +76,32 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _retry_after(exc: BaseException) -> float | None:
-    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as
-    seconds or as an HTTP date. Capped; nonsense (negative, NaN, unparsable) is ignored."""
+    """Seconds the server asked us to wait: ``retry-after-ms``, else ``Retry-After`` as
+    seconds or as an HTTP date. Capped. Nonsense (unparsable, NaN, negative) is ignored,
+    header by header, and so is zero: "retry now" from every rejected request at once
+    is what the jittered back-off is for (the openai client treats it the same way)."""
     response = getattr(exc, "response", None)
     if response is None:
         return None
     headers = response.headers
-    seconds: float | None = None
-    try:
-        if headers.get("retry-after-ms") is not None:
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif headers.get("retry-after") is not None:
-            value = headers["retry-after"].strip()
+    for name in ("retry-after-ms", "retry-after"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            value = value.strip()
             try:
-                seconds = float(value)
+                seconds = float(value) / (1000 if name == "retry-after-ms" else 1)
             except ValueError:
+                if name == "retry-after-ms":
+                    continue
                 when = email.utils.parsedate_to_datetime(value)
                 seconds = (when - datetime.now(timezone.utc)).total_seconds()
-    except (ValueError, TypeError, OverflowError):
-        return None
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return None
-    return min(seconds, RETRY_AFTER_CAP_S)
+        except (ValueError, TypeError, OverflowError, AttributeError):
+            continue
+        if math.isfinite(seconds) and seconds > 0:
+            return min(seconds, RETRY_AFTER_CAP_S)
+    return None
 
 
 class _Wait:
@@ -140,7 +147,9 @@ class OpenAICompatibleTeacher:
         self.cfg = cfg
         key = None
         if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
+            # A key pasted or read from a secret file often ends in a newline, which no
+            # HTTP header may hold: every request would fail as a "connection error".
+            key = (os.environ.get(cfg.api_key_env) or "").strip()
             if not key:
                 raise ConfigError(
                     f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set "
@@ -312,7 +321,11 @@ class OpenAICompatibleTeacher:
             self._url, body=body, cast_to=self._response_type,
             options={**self._options, "idempotency_key": f"datagen-{next(self._keys)}"},
         )
-        return self._parse(request["row_id"], json.loads(response.content))
+        try:
+            data = json.loads(response.content)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser
+            raise MalformedResponse(f"body is not JSON ({type(exc).__name__}: {exc})"[:200]) from None
+        return self._parse(request["row_id"], data)
 
     def _parse(self, row_id: str, data: Any) -> Generation:
         choices = data.get("choices") if isinstance(data, dict) else None
@@ -323,9 +336,14 @@ class OpenAICompatibleTeacher:
         text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str):
             raise MalformedResponse("response has no message content")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate; Parquet text is UTF-8
+            raise MalformedResponse("message content is not valid Unicode") from None
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        reason = choice.get("finish_reason")
         g = Generation(
-            row_id=row_id, text=text, finish_reason=choice.get("finish_reason"),
+            row_id=row_id, text=text, finish_reason=reason if isinstance(reason, str) else None,
             prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")),
         )
@@ -344,7 +362,7 @@ class OpenAICompatibleTeacher:
             tops = [self._ids(c["top_logprobs"]) for c in content]
             lps = [float(c["logprob"]) for c in content]
             top_lps = [[float(t["logprob"]) for t in c["top_logprobs"]] for c in content]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return
         if ids is None or any(t is None for t in tops):
             return
@@ -358,7 +376,7 @@ class OpenAICompatibleTeacher:
         try:
             ids = [int(n[_ID_CUT:]) for n in names if n[:_ID_CUT] == ID_PREFIX]
             if len(ids) == len(names):
-                return ids
+                return ids if min(ids) >= 0 and max(ids) <= MAX_ID else None
         except (TypeError, ValueError):
             pass
         ids = [self._id(e) for e in entries]
@@ -370,14 +388,16 @@ class OpenAICompatibleTeacher:
             return None
         if token.startswith(ID_PREFIX):
             try:
-                return int(token[_ID_CUT:])
+                i = int(token[_ID_CUT:])
             except ValueError:
                 return None
+            return i if 0 <= i <= MAX_ID else None
         return self._tokens.id(token, entry.get("bytes")) if self._tokens else None
 
 
 def _count(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    """A token count the server reported, or None when it is not a plausible one."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT else None
 
 
 def _congestion(exc: BaseException) -> str | None:

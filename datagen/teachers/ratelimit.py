@@ -25,8 +25,9 @@ sent and hands it back with what happened. Three things can hold an attempt back
   that refill continuously and hold one second's worth, so traffic is paced rather
   than sent in a burst at the top of each minute (providers enforce sub-minute
   windows too). A request's tokens are estimated before it is sent (prompt characters
-  / 4 + ``max_tokens``) and corrected with the usage the server reports. A request
-  bigger than the bucket still passes once the bucket is full, and leaves it in debt.
+  / 4 + ``max_tokens``) and corrected with the usage the server reports (by at most one
+  minute's budget). A request bigger than the bucket still passes once the bucket is
+  full, and leaves it in debt.
 
 Not covered:
 - the split between replicas is static: a replica whose share is idle does not lend
@@ -83,8 +84,14 @@ class TokenBucket:
         self.level -= n  # may go negative: a big request leaves the bucket in debt
 
     def give(self, n: float) -> None:
-        """Correct an estimate: ``n`` > 0 returns over-estimated units, < 0 takes more."""
-        self.level = min(self.capacity, self.level + n)
+        """Correct an estimate: ``n`` > 0 returns over-estimated units, < 0 takes more.
+
+        A correction owes at most one minute's budget: no provider serves one request
+        bigger than its per-minute limit, so a larger reported usage is a server's bug
+        (an unsigned wrap-around reads as 4e9 tokens), and honouring it would stall the
+        replica for days."""
+        floor = min(self.level, -self.rate * 60)
+        self.level = max(floor, min(self.capacity, self.level + n))
 
 
 @dataclass

@@ -24,6 +24,7 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``malformed``   200 with a body that is not JSON
 ``truncated``   200 whose body stops short of its Content-Length
 ``garbage``     200 with valid JSON that is not a completion (no ``choices``)
+``undecodable`` 200 with a body that is not even UTF-8 (a proxy's Latin-1 page)
 
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
 check pacing; ``last_headers`` holds the headers of the latest one (lower-case names).
@@ -47,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "malformed", "truncated", "garbage")
+FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "malformed", "truncated", "garbage",
+               "undecodable")
 VOCAB = 49152
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             429: "Too Many Requests",
@@ -366,6 +368,9 @@ class FakeOpenAIServer:
             data = json.dumps(self.completion(body)).encode()
             h.close_connection = True
             h.raw(200, data[: len(data) // 3], length=len(data))
+            return
+        elif kind == "undecodable":  # a proxy's page in Latin-1: not even UTF-8
+            h.raw(200, b"<html>\xa9 proxy error</html>")
             return
         elif kind == "garbage":
             h._json(200, {"id": "x", "object": "chat.completion", "choices": [], "created": 0, "model": "fake"})
