@@ -257,6 +257,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     print(f"re-scored {res.rows} rows with top-{teacher.sampling.logprobs} from {teacher.name} "
           f"({res.by_ids} on their own token ids, {res.by_text} on re-tokenized text; failed: {failed}) "
           f"in {res.seconds:.1f} s -> {res.dest}")
+    if res.redone:
+        print(f"{res.redone} batch(es) scored again after their engine's actor or node died")
     return 0
 
 

@@ -36,7 +36,8 @@ def lost_work_errors() -> tuple[type[BaseException], ...]:
     import ray
 
     e = ray.exceptions
-    return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError)
+    # OutOfMemoryError: Ray's memory monitor killed the worker to save its node.
+    return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError, e.OutOfMemoryError)
 
 
 def slots(teacher: Any, inflight_per_actor: int, serves: int | None = None) -> int:

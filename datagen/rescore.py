@@ -31,7 +31,7 @@ for the context, empty) goes to the ``failed`` stream with its reason.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +52,7 @@ class RescoreResult:
     by_text: int = 0  # scored on the re-tokenized response text
     failed: Counter = field(default_factory=Counter)
     resumed: int = 0  # rows a killed or interrupted earlier call had already scored
+    redone: int = 0  # batches sent again after their actor or node died under them
     seconds: float = 0.0
 
 
@@ -76,6 +77,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             inflight_per_actor: int = 2, commit_every_s: float = 60.0) -> RescoreResult:
     import ray
 
+    from datagen.replicas import BATCH_MAX_REQUEUES, lost_work_errors
     from datagen.runner import _Actors, _StopFlag, init_ray
 
     store = ShardStore.open(src)
@@ -99,31 +101,54 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                 raise _interrupted(out, res)
             info = actors.info[teacher.name]
             tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
-            inflight: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
+            inflight: dict[Any, tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] = {}
+            again: deque[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = deque()  # lost, to send again
+            lost: Counter[str] = Counter()  # first row id of a batch -> times its actor died under it
             todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
             batches = _batches(todo, teacher.batch_size)
             exhausted = False
             while True:
-                while not exhausted and not stop.set:
-                    actor = actors.free(teacher.name, inflight_per_actor)
+                while (again or not exhausted) and not stop.set:
+                    try:
+                        actor = actors.free(teacher.name, inflight_per_actor)
+                    except DatagenError:
+                        raise DatagenError(f"re-scoring teacher {teacher.name!r}: every replica died and Ray did "
+                                           f"not restart it; {_kept(out, res)}") from None
                     if actor is None:
                         break
-                    rows = next(batches, None)
-                    if rows is None:
-                        exhausted = True
-                        break
-                    reqs = [_request(r, info["tokenizer_fingerprint"], res) for r in rows]
-                    inflight[actor.rescore.remote(reqs, k=k)] = (actor, rows)
+                    if again:
+                        rows, reqs = again.popleft()
+                    else:
+                        rows = next(batches, None)
+                        if rows is None:
+                            exhausted = True
+                            break
+                        reqs = [_request(r, info["tokenizer_fingerprint"], res) for r in rows]
+                    inflight[actor.rescore.remote(reqs, k=k)] = (actor, rows, reqs)
                     actors.load[actor] += 1
                 if not inflight:
+                    if again and not stop.set:  # every replica that could take them is down
+                        actors.liveness.wait(1.0)
+                        continue
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 if not ready:
                     continue
-                actor, rows = inflight.pop(ready[0])
+                actor, rows, reqs = inflight.pop(ready[0])
                 actors.load[actor] -= 1
                 try:
                     gens = ray.get(ready[0])
+                except lost_work_errors() as exc:
+                    # Its actor or node died and Ray's own retries ran out: score the same
+                    # rows again elsewhere (or once Ray has restarted it), as a run does.
+                    actors.lost(actor)
+                    lost[rows[0]["row_id"]] += 1
+                    res.redone += 1
+                    if lost[rows[0]["row_id"]] > BATCH_MAX_REQUEUES:
+                        raise DatagenError(f"re-scoring teacher {teacher.name!r} died {lost[rows[0]['row_id']]} "
+                                           f"times on one batch ({remote_cause(exc)}); {_kept(out, res)}") from None
+                    again.append((rows, reqs))
+                    continue
                 except ray.exceptions.RayError as exc:
                     raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {remote_cause(exc)}; "
                                        f"{_kept(out, res)}") from None

@@ -36,6 +36,7 @@ from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_wo
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
+ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS  # Ray re-runs a dead actor's tasks; after that, the driver
 # Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
 # teachers are the run's throughput stage, so their actors (and the processes they start)
 # keep the normal priority, the same as the driver and Ray's daemons, sharing the CPUs
@@ -219,7 +220,7 @@ class _Actors:
         self._starting = {a.info.remote(): name for name, actors in self.by_teacher.items() for a in actors}
 
     def _options(self, t: Any) -> dict[str, Any]:
-        opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS,
+        opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_TASK_RETRIES,
                                 "runtime_env": TEACHER_RUNTIME_ENV}
         if t.backend != "vllm":
             # Waits on HTTP: 0 by default, so it never starves a small machine; on a

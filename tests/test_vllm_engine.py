@@ -177,6 +177,17 @@ def test_rescore_reproduces_generation_time_logprobs(engine):
     assert t.error is None and len(t.top_ids[0]) == 5 and t.completion_tokens > 0
     (e,) = engine.run(engine.rescore([{"row_id": "y", "messages": ASK, "response": ""}], k=5))
     assert e.error.startswith("rescore.empty_response")
+    # A row whose prompt + response fills the context exactly (a generation the context cut
+    # off) fails alone, with a reason: vLLM would refuse it, and with it the whole batch.
+    # One token shorter is scored, and so are its batch-mates.
+    fill = [gens[0].token_ids[0]] * (engine.max_model_len - len(engine.prompt_ids(ASK)))
+    full, fits, ok = engine.run(engine.rescore([
+        {"row_id": "full", "messages": ASK, "response_ids": fill},
+        {"row_id": "fits", "messages": ASK, "response_ids": fill[:-1]},
+        {"row_id": "ok", "messages": ASK, "response_ids": gens[0].token_ids}], k=5))
+    assert full.error.startswith("teacher.prompt_too_long")
+    assert fits.error is None and len(fits.top_ids) == len(fill) - 1
+    assert ok.error is None and ok.token_ids == gens[0].token_ids
 
 
 def _near_ties(g, r) -> bool:

@@ -175,3 +175,48 @@ def test_a_killed_rescore_is_finished_by_running_it_again(killed_run, tmp_path):
     assert len(ids) == len(set(ids)) and set(ids) == expected  # every row once, none twice
     assert not partial.exists()
     assert datagen("verify", str(dest)).returncode == 0
+
+
+def test_a_rescore_whose_engine_dies_sends_its_batches_again(killed_run, tmp_path, monkeypatch):
+    """Ray restarts the killed engine actor but, with no task retries left, hands its
+    in-flight batches back as lost: the re-score sends them again and every row is
+    scored exactly once."""
+    import threading
+    import time
+
+    from datagen import rescore, runner
+    from datagen.config import Runtime
+    from datagen.shards import MANIFEST, Manifest
+
+    monkeypatch.setattr(runner, "ACTOR_MAX_TASK_RETRIES", 0)  # Ray's retries "ran out" at once
+    _, job, _, _ = killed_run
+    src, dest = job.output.path, tmp_path / "rs"
+    partial = tmp_path / ".rs.partial"
+    teacher = rescore.load_teacher(_write(tmp_path / "t.yaml", dict(TEACHER, batch_size=2, sampling={"logprobs": 5})))
+    killed: list[int] = []
+
+    def kill_after_first_commit() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if (partial / MANIFEST).exists() and Manifest.load(partial).counts()["accepted"] >= 2:
+                pids = _teacher_actor_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_after_first_commit, daemon=True)
+    watcher.start()
+    res = rescore.rescore(src, teacher, dest=dest, runtime=Runtime(num_cpus=2), inflight_per_actor=2,
+                          commit_every_s=0.001)
+    watcher.join(5)
+    assert killed, "the engine actor was never killed"
+    assert res.redone >= 1  # its in-flight batches came back lost and were sent again
+    ids = ShardStore.open(dest).read("accepted", columns=["row_id"]).column("row_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == ShardStore.open(src).row_ids(("accepted",))
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -183,9 +183,6 @@ class VLLMEngineTeacher:
 
     async def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         """RequestOutputs for token-id prompts, in order, through whichever engine this is."""
-        if self.llm is not None:
-            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-
         async def one(p: list[int], sp: Any) -> Any:
             final = None
             async for out in self.engine.generate({"prompt_token_ids": p}, sp, request_id=f"r{next(self._ids)}"):
@@ -193,6 +190,8 @@ class VLLMEngineTeacher:
             return final
 
         try:
+            if self.llm is not None:
+                return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
         except Exception as exc:
             if type(exc).__name__ == "EngineDeadError":
@@ -274,7 +273,7 @@ class VLLMEngineTeacher:
             if not resp:
                 results[r["row_id"]] = Generation(row_id=r["row_id"], prompt_tokens=len(p),
                                                   error="rescore.empty_response: nothing to score")
-            elif len(p) + len(resp) > self.max_model_len:
+            elif len(p) + len(resp) >= self.max_model_len:  # vLLM refuses a prompt that fills the context
                 results[r["row_id"]] = Generation(
                     row_id=r["row_id"], prompt_tokens=len(p),
                     error=f"teacher.prompt_too_long: {len(p)} prompt + {len(resp)} response tokens, "
