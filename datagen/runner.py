@@ -36,7 +36,9 @@ from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_wo
 from datagen.shards import ShardStore
 
 ACTOR_MAX_RESTARTS = 3
-ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS  # Ray re-runs a dead actor's tasks; after that, the driver
+# Ray re-runs a dead actor's tasks this often; after that the driver sends the batch again
+# (runner._drive, rescore), at most replicas.BATCH_MAX_REQUEUES times.
+ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS
 # Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
 # teachers are the run's throughput stage, so their actors (and the processes they start)
 # keep the normal priority, the same as the driver and Ray's daemons, sharing the CPUs

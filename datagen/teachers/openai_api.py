@@ -66,8 +66,7 @@ def _status(exc: BaseException) -> int | None:
 def _retryable(exc: BaseException) -> bool:
     import openai
 
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse,
-                        json.JSONDecodeError)):
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse)):
         return True
     if isinstance(exc, openai.APIResponseValidationError):
         return True
@@ -125,7 +124,7 @@ def _error_code(exc: BaseException) -> str:
         return "teacher.timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "teacher.connection"
-    if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError, json.JSONDecodeError)):
+    if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError)):
         return "teacher.malformed_response"
     status = _status(exc)
     if status is not None:
