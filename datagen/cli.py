@@ -39,11 +39,15 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     root = job.output.path
     if resume:
         store = ShardStore.open(root, job.output, for_writing=True)
-        if store.manifest.data["run_fingerprint"] != fingerprint:
-            raise DatagenError(
-                f"{root} was written by a different job (its prompts, teachers or settings "
-                "changed since); start a new output directory instead of resuming"
-            )
+        try:
+            changed = runner.continue_run(job, stream, store)
+            if changed:  # the next plain `datagen resume` goes on with these settings
+                store.write_job_meta(runner.job_meta(job, stream.run_fingerprint, job_path))
+        except BaseException:
+            store.close()
+            raise
+        for line in changed:
+            warn.print(f"resuming with {line}", soft_wrap=True, highlight=False, markup=False)
     else:
         store = ShardStore.create(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
     prompt_lines = _write_prompts_report(stream, store)
@@ -66,12 +70,12 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         warn.print(f"note: {stats.metrics.log.problem} (the run's rows are not affected)", soft_wrap=True)
     if stats.interrupted:
         warn.print(f"interrupted: committed rows are safe; `datagen resume {root}` finishes the job",
-                   style="yellow", soft_wrap=True)
+                   style="yellow", soft_wrap=True, markup=False)
         return EXIT_INTERRUPTED
     unresolved = store.unresolved_failures()
     if unresolved:
         warn.print(f"{unresolved} rows failed at the teacher (reasons above); "
-                  f"`datagen resume {root}` retries them", style="yellow")
+                  f"`datagen resume {root}` retries them", style="yellow", markup=False)
         return EXIT_FAILED_ROWS
     return 0
 
@@ -103,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from datagen.config import parse_job
+    from datagen.config import load_job, parse_job
     from datagen.shards import JOB_FILE, ShardStore
 
     root = _output_arg(args.output_dir)
@@ -112,8 +116,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if derived:
         raise DatagenError(f"{root} is a derived dataset (made by `datagen {derived}`), not a run; "
                            "resume the run it came from instead")
-    job_path = Path(meta["job_file"]) if meta.get("job_file") else None
-    job = parse_job(meta["job"], where=f"{root}/{JOB_FILE}", base_dir=Path.cwd() if isinstance(root, str) else root)
+    if args.job:  # the same rows, made with the settings of this file (checked in _run)
+        job_path = Path(args.job).resolve()
+        job = load_job(args.job)
+    else:
+        job_path = Path(meta["job_file"]) if meta.get("job_file") else None
+        job = parse_job(meta["job"], where=f"{root}/{JOB_FILE}",
+                        base_dir=Path.cwd() if isinstance(root, str) else root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
     return _run(job, job_path, resume=True, quiet=args.quiet)
 
@@ -281,7 +290,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from datagen import submit
 
     sub = submit.build(args.job, working_dir=args.working_dir, output=args.output, requirements=args.requirements,
-                       runtime_env_file=args.runtime_env, env=args.env or [], python=args.python)
+                       runtime_env_file=args.runtime_env, env=args.env or [], python=args.python,
+                       resume=args.resume)
     for warning in sub.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     job_id = submit.submit(sub, address=args.address)
@@ -347,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="finish an interrupted run (skips committed rows)")
     r.add_argument("output_dir")
+    r.add_argument("--job", help="go on with this job file's settings: how its teachers run (replicas, engine "
+                   "memory, concurrency, rate limits, time-outs), the runtime, target and budget may differ "
+                   "from the run's; what decides a row may not")
     r.add_argument("--quiet", "-q", action="store_true")
     r.set_defaults(func=cmd_resume)
 
@@ -431,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--env", action="append", metavar="NAME=VALUE", help="non-secret env var for the job")
     r.add_argument("--python", default="python", help="python on the cluster (default: python)")
     r.add_argument("--follow", "-f", action="store_true", help="stream the job's logs until it ends")
+    r.add_argument("--resume", action="store_true", help="finish the run already in the output, with this "
+                   "file's teacher settings (`datagen resume OUTPUT --job JOB` on the cluster)")
     r.set_defaults(func=cmd_submit)
 
     r = sub.add_parser("jobs", help="status, logs or stop of a submitted job")

@@ -461,6 +461,73 @@ class Job(Strict):
         return self
 
 
+# ------------------------------------------------------------- what a row is, what may change
+
+# How a teacher runs, not what its rows are: where, on how many replicas and how fast.
+# `datagen resume DIR --job JOB.yaml` may change these, and the rows it adds still belong to
+# the run. Typical reasons: a lower gpu_memory_utilization after an engine ran out of memory,
+# a lower rate after a provider's 429s, more replicas on a bigger cluster. Every other
+# teacher field decides a row's text, tokens, log-probs or cost. Parallelism and batch shape
+# change an engine's float rounding, as its batch composition already does from step to
+# step; they do not change the model.
+OPERATIONAL_TEACHER = frozenset({
+    "replicas", "batch_size", "num_cpus", "num_gpus", "api_key_env", "max_concurrency", "min_concurrency",
+    "adaptive_concurrency", "latency_backoff", "requests_per_minute", "tokens_per_minute", "timeout_s",
+    "max_attempts"})
+OPERATIONAL_ENGINE = frozenset({
+    "gpu_memory_utilization", "max_num_seqs", "batching", "enforce_eager", "cpu_kvcache_gb",
+    "tensor_parallel_size", "pipeline_parallel_size"})
+# Job-level parts that say how many rows to make and how to store them, never what one is.
+OPERATIONAL_JOB = frozenset({"output", "runtime", "target_accepted", "budget"})
+
+
+def teacher_identity(teacher: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's JSON form without its ``OPERATIONAL_*`` fields: what its rows depend on."""
+    out = {k: v for k, v in teacher.items() if k not in OPERATIONAL_TEACHER}
+    if isinstance(out.get("engine"), dict):
+        out["engine"] = {k: v for k, v in out["engine"].items() if k not in OPERATIONAL_ENGINE}
+    return out
+
+
+def is_operational(path: tuple[str, ...]) -> bool:
+    """Whether a path from ``job_changes`` names a setting a resume may change."""
+    if path[0] in OPERATIONAL_JOB:
+        return True
+    if path[0] != "teachers" or len(path) < 3:
+        return False
+    if path[2] == "engine":
+        return len(path) > 3 and path[3] in OPERATIONAL_ENGINE
+    return path[2] in OPERATIONAL_TEACHER
+
+
+def job_changes(before: dict[str, Any], after: dict[str, Any],
+                prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where two jobs' JSON forms differ, as key paths; teachers are matched by name
+    (``("teachers", NAME, "engine", "dtype")``), other lists compared whole."""
+    out = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b, path = before.get(key), after.get(key), (*prefix, str(key))
+        if path == ("teachers",) and isinstance(a, list) and isinstance(b, list):
+            old, new = {t.get("name"): t for t in a}, {t.get("name"): t for t in b}
+            for name in sorted(set(old) | set(new), key=str):
+                if name not in old or name not in new:
+                    out.append(("teachers", str(name)))
+                elif old[name] != new[name]:
+                    out += job_changes(old[name], new[name], ("teachers", str(name)))
+        elif isinstance(a, dict) and isinstance(b, dict):
+            out += job_changes(a, b, path)
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def dotted(path: tuple[str, ...]) -> str:
+    """A ``job_changes`` path as a user writes it: ``teachers[NAME].engine.dtype``."""
+    if path[0] == "teachers" and len(path) > 1:
+        return f"teachers[{path[1]}]" + "".join(f".{p}" for p in path[2:])
+    return ".".join(path)
+
+
 # --------------------------------------------------------------------------- loading
 
 

@@ -293,6 +293,9 @@ class ObjectShardStore(ShardStore):
             raise OutputError(f"{self.root}/{JOB_FILE} is missing or corrupt; "
                               "this output cannot be resumed") from None
 
+    def write_job_meta(self, meta: dict[str, Any]) -> None:
+        self.put_text(JOB_FILE, json.dumps(meta, indent=1, sort_keys=True))  # one PUT: atomic
+
     def sweep(self) -> list[str]:
         committed = {s["file"] for s in self.manifest.shards}
         removed = []

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 from pydantic import TypeAdapter, ValidationError
 
 from datagen import records
-from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml
+from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml, teacher_identity
 from datagen.errors import ConfigError, DatagenError, remote_cause
 from datagen.shards import ShardStore, resumable_build
 
@@ -87,9 +87,10 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
     res = RescoreResult(dest=dest)
     started = time.perf_counter()
     src_meta = store.job_meta()
-    # What the rows' log-probs depend on: a half-finished re-score continues only under it.
+    # What the rows' log-probs depend on: a half-finished re-score continues only under it,
+    # whatever its replicas, batch size or engine memory (config.OPERATIONAL_*).
     meta = {**{key: v for key, v in src_meta.items() if key != "rescore"},
-            "rescore": {"source": str(src), "teacher": teacher.model_dump(mode="json"), "k": k}}
+            "rescore": {"source": str(src), "teacher": teacher_identity(teacher.model_dump(mode="json")), "k": k}}
     output = Output(path=dest, shard_rows=50_000, commit_every_s=commit_every_s)
     with resumable_build(dest, meta, key="rescore", output=output) as out, _StopFlag() as stop:
         done = out.row_ids(("accepted", "failed"))
@@ -173,7 +174,8 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
 
 def _kept(out: ShardStore, res: RescoreResult) -> str:
     return (f"{res.resumed + res.rows + sum(res.failed.values())} rows scored so far are kept in {out.root}; "
-            "run the same command again to continue")
+            "run the command again to continue (its teacher file may change replicas, batch_size or "
+            "engine memory settings, not the model)")
 
 
 def _interrupted(out: ShardStore, res: RescoreResult) -> DatagenError:

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from datagen import licenses, metrics, records
-from datagen.config import Job, Price
+from datagen.config import Job, Price, dotted, is_operational, job_changes, parse_job, teacher_identity
 from datagen.errors import DatagenError, MissingExtra, OutputError, remote_cause
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
 from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors, slots
-from datagen.shards import ShardStore
+from datagen.shards import JOB_FILE, ShardStore
 
 ACTOR_MAX_RESTARTS = 3
 # Ray re-runs a dead actor's tasks this often; after that the driver sends the batch again
@@ -91,8 +91,12 @@ class RunStats:
         return (self.generation_ended or time.monotonic()) - self.teachers_ready
 
 
-def run_fingerprint(job: Job, stream_hash: str) -> str:
-    """Same job content + same prompts -> same fingerprint (output path and runtime excluded)."""
+def run_fingerprint(job: Job, stream_hash: str, *, legacy: bool = False) -> str:
+    """Same rows asked for -> same fingerprint: the job's content and its prompts' (the
+    stream hash), without what a resume may change (``config.OPERATIONAL_*``: the output's
+    place and layout, the runtime, how many rows to make, how the teachers run).
+    ``legacy``: the fingerprint outputs written before teacher settings could change on
+    resume carry (it hashed how teachers ran too), so those still resume unchanged."""
     body = job.model_dump(mode="json", exclude={"output": {"path"}, "runtime": True,
                                                 "target_accepted": True, "budget": True})
     # Paths out: the files' contents are in the stream hash, so a moved job still resumes.
@@ -101,14 +105,68 @@ def run_fingerprint(job: Job, stream_hash: str) -> str:
         body["prompts"]["seeds"].pop("path")
     for ev in (body["prompts"].get("decontaminate") or {}).get("evals", []):
         ev.pop("path")
-    # How many rows to make is not what a row is: a target or budget may change between
-    # a run and its resume. New fields at their defaults stay out, so old outputs resume.
+    # New fields at their defaults stay out, so old outputs resume.
     if body.get("filter_short_circuit") is True:
         body.pop("filter_short_circuit")
-    for t in body["teachers"]:  # where an API teacher's replicas run is not what a row is
-        if t["backend"] == "openai":
-            t.pop("num_cpus")
-    return records.content_hash({"job": body, "prompts": stream_hash})
+    if legacy:
+        for t in body["teachers"]:
+            if t["backend"] == "openai":
+                t.pop("num_cpus")
+        return records.content_hash({"job": body, "prompts": stream_hash})
+    body.pop("output")
+    body["teachers"] = [teacher_identity(t) for t in body["teachers"]]
+    for t in body["teachers"]:  # a chat template file: its text, not where it lies
+        tpl = (t.get("engine") or {}).get("chat_template")
+        if tpl and "{" not in tpl:
+            try:
+                t["engine"]["chat_template"] = records.content_hash(Path(tpl).read_text())
+            except (OSError, UnicodeDecodeError):
+                pass  # the engine reports it when it starts
+    return records.content_hash({"job": body, "prompts": stream_hash, "v": 2})
+
+
+def continue_run(job: Job, stream: PromptStream, store: ShardStore) -> list[str]:
+    """Check that ``job`` asks for the rows ``store`` holds and make its rows carry the
+    store's fingerprint. Returns the settings it changes (``teachers[t].replicas 1 -> 4``),
+    all of them operational; anything else is refused, naming what changed."""
+    stored = store.manifest.data["run_fingerprint"]
+    before = parse_job(store.job_meta()["job"], where=f"{store.root}/{JOB_FILE}", base_dir=Path.cwd())
+    changes = [p for p in job_changes(before.model_dump(mode="json"), job.model_dump(mode="json"))
+               if p != ("output", "path")]
+    if stored not in (stream.run_fingerprint, run_fingerprint(job, stream.stream_hash, legacy=True)):
+        root = store.root
+        rows = [dotted(p) for p in changes if not is_operational(p)]
+        if rows:
+            raise DatagenError(
+                f"{root} was written by a different job: {', '.join(rows[:6])}{' ...' if len(rows) > 6 else ''} "
+                "changed since, and that decides what its rows are; put it back, or start a new output directory")
+        if changes and run_fingerprint(before, stream.stream_hash, legacy=True) == stored:
+            raise DatagenError(
+                f"{root} was written by a datagen that could not resume a run with other teacher settings "
+                f"({', '.join(dotted(p) for p in changes[:6])}); resume it with the job it was written with "
+                "(`datagen resume` without --job), or start a new output directory")
+        raise DatagenError(f"{root} no longer matches its run: the contents of the template, seed or eval files "
+                           f"changed since (or its {JOB_FILE} was edited); put them back, or start a new output "
+                           "directory")
+    stream.run_fingerprint = stored
+    return [_change_line(p, before, job) for p in changes]
+
+
+def _change_line(path: tuple[str, ...], before: Job, after: Job) -> str:
+    def value(job: Job) -> Any:
+        node: Any = job.model_dump(mode="json")
+        if path[0] == "teachers":
+            node = next((t for t in node["teachers"] if t["name"] == path[1]), None)
+            keys = path[2:]
+        else:
+            keys = path
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    if path[-1] in ("api_key_env", "base_url"):  # names a secret's place; may hold a pasted key
+        return f"{dotted(path)} (changed)"
+    return f"{dotted(path)}: {value(before)!r} -> {value(after)!r}"
 
 
 def job_meta(job: Job, fingerprint: str, job_path: Path | None) -> dict[str, Any]:
@@ -134,7 +192,8 @@ def _stream_hash(stream: PromptStream) -> str:
 def prepare(job: Job) -> tuple[PromptStream, str]:
     """Everything that can fail on bad input, done before Ray starts or a file is written."""
     provisional = PromptStream(job, run_fingerprint="")
-    fp = run_fingerprint(job, _stream_hash(provisional))
+    provisional.stream_hash = _stream_hash(provisional)
+    fp = run_fingerprint(job, provisional.stream_hash)
     provisional.run_fingerprint = fp
     licenses.resolve_job(job, template=provisional.template)
     # Filters that judge against the seed (a reference answer, unit tests) refuse seeds
@@ -212,6 +271,7 @@ class _Actors:
         self.info: dict[str, dict[str, Any]] = {}
         self.groups: list[Any] = []  # placement groups this run made, removed by close()
         self.liveness = Liveness()
+        self.backends = {t.name: t.backend for t in job.teachers}
         for t in job.teachers:
             # Each replica gets its share of a teacher-wide budget (OpenAITeacher.for_replica).
             actors = [remote.options(**self._options(t)).remote(t.for_replica(i).model_dump(mode="json"))
@@ -268,8 +328,11 @@ class _Actors:
         try:
             return self.liveness.pick(self.by_teacher[teacher], self.load, limit)
         except ReplicasLost as exc:
+            hint = (". If its engines ran out of memory, lower engine.gpu_memory_utilization or "
+                    "engine.max_num_seqs in the job file and `datagen resume OUT --job JOB.yaml`"
+                    if self.backends.get(teacher) == "vllm" else "")
             raise DatagenError(f"teacher {teacher!r}: {exc}; committed rows are intact, "
-                               "`datagen resume` continues") from None
+                               f"`datagen resume` continues{hint}") from None
 
     def lost(self, actor: Any) -> None:
         """A batch on ``actor`` was lost: no work for it until it answers again."""

@@ -426,6 +426,13 @@ class ShardStore:
             raise OutputError(f"{self.root / JOB_FILE} is missing or corrupt ({exc}); "
                               "this output cannot be resumed") from None
 
+    def write_job_meta(self, meta: dict[str, Any]) -> None:
+        """Replace the stored job (a resume that changed how teachers run), atomically."""
+        try:
+            atomic_write_text(self.root / JOB_FILE, json.dumps(meta, indent=1, sort_keys=True))
+        except OSError as exc:
+            raise _disk_error(exc, f"writing {self.root / JOB_FILE}") from None
+
     def _lock(self) -> None:
         fd = os.open(self.root / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
         try:

@@ -21,8 +21,13 @@ Authentication to the job server is Ray's own (Ray >= 2.52 token auth): the clie
 reads ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` /
 ``~/.ray/auth_token`` from the submitting shell; datagen never sees or sends the token.
 
+A driver that stopped (``datagen jobs stop``, a lost head, an engine that ran out of
+memory) leaves a resumable output: ``datagen submit JOB --resume`` sends
+``datagen resume OUTPUT --job JOB``, which finishes it with the job file's teacher
+settings (replicas, engine memory, rate limits) and refuses changes to what a row is.
+
 Not covered: a driver killed with its cluster (Ray jobs die with the cluster; the
-output is resumable, ``datagen resume`` on the same output finishes it); uploading a
+output is resumable, as above, once a cluster is back); uploading a
 working directory larger than Ray's package limit (500 MiB by default).
 """
 
@@ -97,8 +102,11 @@ def parse_env(pairs: list[str], *, secrets: list[str]) -> dict[str, str]:
 
 def build(job_file: str | Path, *, working_dir: str | Path | None = None, output: str | None = None,
           requirements: str | Path | None = None, runtime_env_file: str | Path | None = None,
-          env: list[str] = (), python: str = "python", job_id: str | None = None) -> Submission:
-    """Check the job locally and assemble what ``submit_job`` gets. Nothing is sent."""
+          env: list[str] = (), python: str = "python", job_id: str | None = None,
+          resume: bool = False) -> Submission:
+    """Check the job locally and assemble what ``submit_job`` gets. Nothing is sent.
+    ``resume``: the entrypoint continues the run already in the output
+    (``datagen resume OUTPUT --job JOB``: the same rows, this file's teacher settings)."""
     from datagen.config import load_job, read_yaml
 
     wd = Path(working_dir or Path.cwd()).resolve()
@@ -147,9 +155,12 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
             raise DatagenError(f"requirements file unreadable: {req}: {exc}") from None
         runtime_env["pip"] = sorted(set(runtime_env.get("pip") or []) |
                                     {ln for ln in lines if ln and not ln.startswith("#")})
-    args = [python, "-m", "datagen", "run", rel_job.as_posix(), "--quiet"]
-    if output is not None:
-        args += ["--output", str(out)]
+    if resume:
+        args = [python, "-m", "datagen", "resume", str(out), "--job", rel_job.as_posix(), "--quiet"]
+    else:
+        args = [python, "-m", "datagen", "run", rel_job.as_posix(), "--quiet"]
+        if output is not None:
+            args += ["--output", str(out)]
     metadata = {"datagen_job": job.name, "datagen_job_file": rel_job.as_posix(),
                 "datagen_output": str(out), "datagen_secret_env": ",".join(secrets)}
     return Submission(job_id=job_id or f"datagen-{job.name}-{uuid.uuid4().hex[:8]}",

@@ -177,7 +177,7 @@ def test_garbage_teacher_stops_the_run_with_one_clear_line(tmp_path, fake_server
     assert "datagen resume" in errors[0]
 
 
-def test_resume_refuses_a_changed_job(tmp_path, fake_server):
+def test_resume_refuses_an_edited_stored_job(tmp_path, fake_server):
     job = write_job(tmp_path, base_url=fake_server.base_url, count=4)
     assert datagen("run", str(job), "--quiet").returncode == 0
     meta_path = tmp_path / "out" / "datagen-job.json"
@@ -185,7 +185,7 @@ def test_resume_refuses_a_changed_job(tmp_path, fake_server):
     meta["job"]["teachers"][0]["sampling"]["temperature"] = 0.9
     meta_path.write_text(json.dumps(meta))
     res = datagen("resume", str(tmp_path / "out"))
-    assert res.returncode == 1 and "written by a different job" in res.stderr
+    assert res.returncode == 1 and "datagen-job.json was edited" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

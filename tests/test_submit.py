@@ -44,6 +44,8 @@ def test_build_carries_secret_names_never_values(tmp_path, monkeypatch):
     assert set(DEFAULT_EXCLUDES) <= set(sub.runtime_env["excludes"]) and ".venv" in DEFAULT_EXCLUDES
     assert sub.entrypoint == "/opt/py/bin/python -m datagen run job.yaml --quiet"
     assert SECRET not in json.dumps([sub.runtime_env, sub.metadata, sub.entrypoint])
+    again = build(job, working_dir=job.parent, python="/opt/py/bin/python", resume=True)
+    assert again.entrypoint == f"/opt/py/bin/python -m datagen resume {tmp_path / 'out'} --job job.yaml --quiet"
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -141,6 +143,19 @@ def test_jobs_stop_and_one_line_errors(tmp_path, fake_server, ray_head):
         assert time.monotonic() < deadline
         time.sleep(1)
     assert status == "STOPPED"
+    # The stopped run is finished on the cluster with other teacher settings, and its rows
+    # are exactly the job's.
+    fake_server.clear()
+    data = yaml.safe_load(job.read_text())
+    data["teachers"][0].update(replicas=2, max_concurrency=8)
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = datagen("submit", str(job), "--resume", "--address", ray_head.address, "--follow",
+                  "--python", sys.executable, env=env, cwd=job.parent, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming with teachers[fake].replicas: 1 -> 2" in res.stdout
+    store = ShardStore.open(tmp_path / "out")
+    ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(job)
     # Unknown job ids and unreachable servers are one-line errors.
     res = datagen("jobs", "status", "no-such-job", "--address", ray_head.address, env=env)
     assert res.returncode == 1 and res.stderr.startswith("error: job no-such-job")

@@ -140,7 +140,7 @@ def test_rescore_a_run_with_the_same_model_reproduces_its_logprobs(killed_run, t
     assert datagen("verify", str(tmp_path / "rs")).returncode == 0
 
 
-def test_a_killed_rescore_is_finished_by_running_it_again(killed_run, tmp_path):
+def test_a_killed_rescore_is_finished_by_running_it_again_with_other_batches(killed_run, tmp_path):
     import subprocess
     import sys
     import time
@@ -168,6 +168,11 @@ def test_a_killed_rescore_is_finished_by_running_it_again(killed_run, tmp_path):
     expected = ShardStore.open(src).row_ids(("accepted",))
     assert 3 <= len(kept) < len(expected) and not dest.exists()
 
+    # Run again with other operational settings (batches of 4, a smaller engine batch):
+    # what the log-probs depend on is the same, so it continues.
+    again = dict(teacher, batch_size=4, engine={**teacher.get("engine", {}), "max_num_seqs": 32})
+    (tmp_path / "t2.yaml").write_text(yaml.safe_dump(again))
+    cmd[cmd.index(str(tmp_path / "t.yaml"))] = str(tmp_path / "t2.yaml")
     res = datagen(*cmd[3:], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(kept)} rows were already scored" in res.stdout

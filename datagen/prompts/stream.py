@@ -43,6 +43,7 @@ class PromptStream:
         # does not grow with the number of requests.
         self.plan: Plan = make_plan(self.template, job.prompts, job.seed)
         self.run_fingerprint = run_fingerprint
+        self.stream_hash = ""  # the prompts' content, set by runner.prepare
 
     @property
     def seeds(self) -> list[dict[str, Any]]:
