@@ -131,8 +131,8 @@ def continue_run(job: Job, stream: PromptStream, store: ShardStore) -> list[str]
     all of them operational; anything else is refused, naming what changed."""
     stored = store.manifest.data["run_fingerprint"]
     before = parse_job(store.job_meta()["job"], where=f"{store.root}/{JOB_FILE}", base_dir=Path.cwd())
-    changes = [p for p in job_changes(before.model_dump(mode="json"), job.model_dump(mode="json"))
-               if p != ("output", "path")]
+    old, new = before.model_dump(mode="json"), job.model_dump(mode="json")
+    changes = [p for p in job_changes(old, new) if p != ("output", "path")]
     if stored not in (stream.run_fingerprint, run_fingerprint(job, stream.stream_hash, legacy=True)):
         root = store.root
         rows = [dotted(p) for p in changes if not is_operational(p)]
@@ -149,12 +149,11 @@ def continue_run(job: Job, stream: PromptStream, store: ShardStore) -> list[str]
                            f"changed since (or its {JOB_FILE} was edited); put them back, or start a new output "
                            "directory")
     stream.run_fingerprint = stored
-    return [_change_line(p, before, job) for p in changes]
+    return [_change_line(p, old, new) for p in changes]
 
 
-def _change_line(path: tuple[str, ...], before: Job, after: Job) -> str:
-    def value(job: Job) -> Any:
-        node: Any = job.model_dump(mode="json")
+def _change_line(path: tuple[str, ...], before: dict[str, Any], after: dict[str, Any]) -> str:
+    def value(node: Any) -> Any:
         if path[0] == "teachers":
             node = next((t for t in node["teachers"] if t["name"] == path[1]), None)
             keys = path[2:]
