@@ -77,7 +77,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             inflight_per_actor: int = 2, commit_every_s: float = 60.0) -> RescoreResult:
     import ray
 
-    from datagen.replicas import BATCH_MAX_REQUEUES, lost_work_errors
+    from datagen.replicas import lost_work_errors
     from datagen.runner import _Actors, _StopFlag, init_ray
 
     store = ShardStore.open(src)
@@ -104,7 +104,6 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
             inflight: dict[Any, tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] = {}
             again: deque[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = deque()  # lost, to send again
-            lost: Counter[str] = Counter()  # first row id of a batch -> times its actor died under it
             todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
             batches = _batches(todo, teacher.batch_size)
             exhausted = False
@@ -142,12 +141,9 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                 except lost_work_errors() as exc:
                     # Its actor or node died and Ray's own retries ran out: score the same
                     # rows again elsewhere (or once Ray has restarted it), as a run does.
-                    actors.lost(actor)
-                    lost[rows[0]["row_id"]] += 1
                     res.redone += 1
-                    if lost[rows[0]["row_id"]] > BATCH_MAX_REQUEUES:
-                        raise DatagenError(f"re-scoring teacher {teacher.name!r} died {lost[rows[0]['row_id']]} "
-                                           f"times on one batch ({remote_cause(exc)}); {_kept(out, res)}") from None
+                    actors.batch_lost(actor, rows[0]["row_id"], exc, who=f"re-scoring teacher {teacher.name!r}",
+                                      then=_kept(out, res))
                     again.append((rows, reqs))
                     continue
                 except ray.exceptions.RayError as exc:

@@ -37,7 +37,7 @@ from datagen.shards import JOB_FILE, ShardStore
 
 ACTOR_MAX_RESTARTS = 3
 # Ray re-runs a dead actor's tasks this often; after that the driver sends the batch again
-# (runner._drive, rescore), at most replicas.BATCH_MAX_REQUEUES times.
+# (_Actors.batch_lost: runner._drive, rescore), at most replicas.BATCH_MAX_REQUEUES times.
 ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS
 # Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
 # teachers are the run's throughput stage, so their actors (and the processes they start)
@@ -271,6 +271,7 @@ class _Actors:
         self.groups: list[Any] = []  # placement groups this run made, removed by close()
         self.liveness = Liveness()
         self.backends = {t.name: t.backend for t in job.teachers}
+        self._lost: Counter[str] = Counter()  # first row id of a batch -> times its work was lost
         for t in job.teachers:
             # Each replica gets its share of a teacher-wide budget (OpenAITeacher.for_replica).
             actors = [remote.options(**self._options(t)).remote(t.for_replica(i).model_dump(mode="json"))
@@ -333,9 +334,16 @@ class _Actors:
             raise DatagenError(f"teacher {teacher!r}: {exc}; committed rows are intact, "
                                f"`datagen resume` continues{hint}") from None
 
-    def lost(self, actor: Any) -> None:
-        """A batch on ``actor`` was lost: no work for it until it answers again."""
+    def batch_lost(self, actor: Any, batch_key: str, exc: BaseException, *, who: str, then: str) -> None:
+        """A batch on ``actor`` was lost after Ray's own retries (``replicas.lost_work_errors``):
+        no work for the actor until it answers again, and the caller sends the batch again,
+        unless this batch (``batch_key``: its first row id) was lost more than
+        ``BATCH_MAX_REQUEUES`` times; then stop, saying ``then``."""
         self.liveness.lost(actor, actor.info)
+        self._lost[batch_key] += 1
+        if self._lost[batch_key] > BATCH_MAX_REQUEUES:
+            raise DatagenError(f"{who} died {self._lost[batch_key]} times on one batch ({remote_cause(exc)}); "
+                               f"{then}") from None
 
 
 def placement_for(t: Any) -> Any:
@@ -560,7 +568,6 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     ready_batches: deque[tuple[str, list[Request]]] = deque()
     inflight: dict[Any, tuple[Any, str, list[Request]]] = {}
     exhausted = False
-    lost: Counter = Counter()  # first row id of a batch -> times its work was lost
     consecutive_failures = 0
     # Sized by what each started engine reported it batches (async vLLM), else by config.
     limit = {name: slots(t, job.runtime.inflight_per_actor, actors.info.get(name, {}).get("max_num_seqs"))
@@ -672,14 +679,9 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 # Its actor or node died and Ray's own retries ran out (datagen/replicas.py):
                 # run it again, same row ids, so no duplicates; the quota still counts its
                 # rows as in flight.
-                actors.lost(actor)
                 stats.lost["teacher batch"] += 1
-                lost[batch[0].row_id] += 1
-                if lost[batch[0].row_id] > BATCH_MAX_REQUEUES:
-                    raise DatagenError(
-                        f"teacher {name!r} died {lost[batch[0].row_id]} times on one batch "
-                        f"({remote_cause(exc)}); committed rows are intact, `datagen resume {store.root}` continues"
-                    ) from None
+                actors.batch_lost(actor, batch[0].row_id, exc, who=f"teacher {name!r}",
+                                  then=f"committed rows are intact, `datagen resume {store.root}` continues")
                 ready_batches.appendleft((name, batch))
                 continue
             except ray.exceptions.RayError as exc:
