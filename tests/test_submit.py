@@ -154,6 +154,7 @@ def test_jobs_stop_and_one_line_errors(tmp_path, fake_server, ray_head):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resuming with teachers[fake].replicas: 1 -> 2" in res.stdout
     store = ShardStore.open(tmp_path / "out")
+    assert store.job_meta()["job"]["teachers"][0]["replicas"] == 2  # the cluster's resume stored its settings
     ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(job)
     # Unknown job ids and unreachable servers are one-line errors.
