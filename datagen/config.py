@@ -75,6 +75,10 @@ class VLLMEngine(Strict):
     )
     enforce_eager: bool = False
     cpu_kvcache_gb: float = Field(2.0, gt=0.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    stall_timeout_s: float | None = Field(
+        600.0, ge=1.0, description="an engine holding requests that finishes no step for this long is hung "
+        "(a wedged GPU, a collective deadlock): its actor exits and Ray restarts it with a fresh engine, "
+        "its batches re-run; null: wait forever. Async batching only")
 
     @property
     def gpus_per_engine(self) -> int:
@@ -476,7 +480,7 @@ OPERATIONAL_TEACHER = frozenset({
     "max_attempts"})
 OPERATIONAL_ENGINE = frozenset({
     "gpu_memory_utilization", "max_num_seqs", "batching", "enforce_eager", "cpu_kvcache_gb",
-    "tensor_parallel_size", "pipeline_parallel_size"})
+    "tensor_parallel_size", "pipeline_parallel_size", "stall_timeout_s"})
 # Job-level parts that say how many rows to make and how to store them, never what one is.
 OPERATIONAL_JOB = frozenset({"output", "runtime", "target_accepted", "budget"})
 

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from datagen import records
 from datagen.errors import OutputError
-from datagen.shards import JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest
+from datagen.shards import JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest, resume_hint
 
 SCHEMES = ("s3",)
 LEASE_S = 120.0  # a lease not renewed for this long is free to take
@@ -255,8 +255,8 @@ class ObjectShardStore(ShardStore):
                               f"object-store output ({root}) run `datagen dedupe` on a local copy instead")
         try:
             if store.read_text(MANIFEST) is not None:
-                raise OutputError(f"{root} already holds a datagen run; `datagen resume {root}` "
-                                  "continues it, or choose another output.path")
+                raise OutputError(f"{root} already holds a datagen run; {resume_hint(root, job_meta)}, "
+                                  "or choose another output.path")
             sel_info = store.fs.get_file_info(_selector(store.base))
             if any(i.path != store.key(LOCK_FILE) for i in sel_info):
                 raise OutputError(f"output prefix is not empty: {root}; choose an empty or new one")

@@ -112,6 +112,8 @@ def run_fingerprint(job: Job, stream_hash: str, *, legacy: bool = False) -> str:
         for t in body["teachers"]:
             if t["backend"] == "openai":
                 t.pop("num_cpus")
+            else:
+                t["engine"].pop("stall_timeout_s")  # newer than every legacy output
         return records.content_hash({"job": body, "prompts": stream_hash})
     body.pop("output")
     body["teachers"] = [teacher_identity(t) for t in body["teachers"]]
@@ -328,8 +330,11 @@ class _Actors:
         try:
             return self.liveness.pick(self.by_teacher[teacher], self.load, limit)
         except ReplicasLost as exc:
-            hint = (". If its engines ran out of memory, lower engine.gpu_memory_utilization or "
-                    "engine.max_num_seqs in the job file and `datagen resume OUT --job JOB.yaml`"
+            hint = (". Why each replica exited is in its Ray worker log (DATAGEN_VERBOSE=1 prints those logs "
+                    "here). If its engines ran out of memory, "
+                    "lower engine.gpu_memory_utilization or engine.max_num_seqs in the job file and "
+                    "`datagen resume OUT --job JOB.yaml`; if they hung (no step for engine.stall_timeout_s), "
+                    "the same resume may raise that limit when a step is legitimately that slow"
                     if self.backends.get(teacher) == "vllm" else "")
             raise DatagenError(f"teacher {teacher!r}: {exc}; committed rows are intact, "
                                f"`datagen resume` continues{hint}") from None

@@ -85,6 +85,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def resume_hint(root: Any, job_meta: dict[str, Any]) -> str:
+    """How to go on with the run already at ``root``, with this job file's teacher settings
+    if it has one (``resume --job`` refuses, naming the field, what it may not change)."""
+    job_file = job_meta.get("job_file")
+    if job_file:
+        return (f"`datagen resume {root}` continues it (`datagen resume {root} --job {job_file}` with this "
+                "file's teacher settings, runtime, target and budget)")
+    return f"`datagen resume {root}` continues it"
+
+
 def _disk_error(exc: OSError, what: str) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc):
         return OutputError(
@@ -379,10 +389,8 @@ class ShardStore:
         if root.exists() and not root.is_dir():
             raise OutputError(f"output path exists and is a file, not a directory: {root}")
         if (root / MANIFEST).exists():
-            raise OutputError(
-                f"{root} already holds a datagen run; `datagen resume {root}` continues it, "
-                "or choose another --output"
-            )
+            raise OutputError(f"{root} already holds a datagen run; {resume_hint(root, job_meta)}, "
+                              "or choose another --output")
         if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
             raise OutputError(f"output directory is not empty: {root}; choose an empty or new one")
         try:

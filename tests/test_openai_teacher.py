@@ -357,7 +357,6 @@ def test_server_values_that_no_column_can_hold_are_refused_or_dropped(tmp_path):
     is still written, with what can be trusted (or fails with a reason, for text that is
     not Unicode); nothing reaches the Parquet writer that would stop the whole run."""
     from datagen import records
-    from datagen.shards import ShardStore
     from datagen.teachers.openai_api import MalformedResponse
 
     t = OpenAICompatibleTeacher(OpenAITeacher.model_validate({

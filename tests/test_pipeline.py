@@ -138,6 +138,10 @@ def test_killed_run_resumes_to_exactly_the_expected_rows(tmp_path, fake_server):
     proc.wait()
     before = all_ids(out)
     assert 8 <= len(before) < 40
+    again = datagen("run", str(job))  # the same job onto its output: says how to go on, adds nothing
+    assert again.returncode != 0 and all_ids(out) == before
+    assert f"already holds a datagen run; `datagen resume {out}` continues it (`datagen resume {out} --job " \
+           f"{job}` with this file's teacher settings" in " ".join(again.stderr.split()), again.stderr
     res = datagen("resume", str(out))
     assert res.returncode == 0, res.stderr
     after = all_ids(out)

@@ -59,8 +59,23 @@ def test_a_rescore_teacher_is_compared_by_what_its_logprobs_depend_on():
 
     plain = key()
     assert key(replicas=3, batch_size=64, num_cpus=2, engine={"gpu_memory_utilization": 0.5, "max_num_seqs": 8,
-                                                              "batching": "offline", "cpu_kvcache_gb": 1}) == plain
+                                                              "batching": "offline", "cpu_kvcache_gb": 1,
+                                                              "stall_timeout_s": None}) == plain
     assert key(engine={"dtype": "bfloat16"}) != plain and key(model="other") != plain
+
+
+def test_the_engine_stall_limit_is_in_no_fingerprint_old_or_new(tmp_path):
+    """``engine.stall_timeout_s`` came after the legacy fingerprint: outputs that carry it
+    must still resume, whatever limit the job now sets."""
+    base = yaml.safe_load(write_job(tmp_path, base_url="http://127.0.0.1:9/v1", count=4).read_text())
+    base["teachers"] = [{"name": "smol", "backend": "vllm", "model": "embedded:smollm2-135m-instruct"}]
+    seen = set()
+    for limit in (600, 30, None):
+        job = _variant(base, tmp_path, engine={"stall_timeout_s": limit})
+        stream = runner.prepare(job)[0]
+        seen.add((runner.run_fingerprint(job, stream.stream_hash),
+                  runner.run_fingerprint(job, stream.stream_hash, legacy=True)))
+    assert len(seen) == 1
 
 
 def test_operational_settings_keep_the_fingerprint_and_row_settings_change_it(tmp_path):

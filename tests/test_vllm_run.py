@@ -1,5 +1,5 @@
 """Runs on the embedded vLLM teacher (CPU) that need a whole pipeline: an engine actor
-killed mid-run, and re-scoring that run's rows with a second engine.
+killed or hung mid-run, and re-scoring that run's rows with a second engine.
 
 Slow (three engine starts, ~1 min each on 2 cores); CI runs them.
 """
@@ -220,6 +220,66 @@ def test_a_rescore_whose_engine_dies_sends_its_batches_again(killed_run, tmp_pat
     assert res.redone >= 1  # its in-flight batches came back lost and were sent again
     ids = ShardStore.open(dest).read("accepted", columns=["row_id"]).column("row_id").to_pylist()
     assert len(ids) == len(set(ids)) and set(ids) == ShardStore.open(src).row_ids(("accepted",))
+
+
+def test_a_hung_engine_is_killed_and_restarted_and_its_rows_still_come_once(tmp_path):
+    """Every process of the engine is SIGSTOPped mid-run: alive, silent, holding its
+    requests, like a wedged GPU. vLLM notices nothing; the actor's watchdog sees no engine
+    step for ``stall_timeout_s``, kills the engine and exits, Ray restarts the actor, and
+    the run ends with every row once."""
+    import threading
+
+    import psutil
+
+    from datagen import runner
+
+    data = yaml.safe_load(_job(tmp_path).read_text())
+    data["prompts"]["count"] = 32
+    data["teachers"][0]["engine"]["stall_timeout_s"] = 10
+    job_path = _write(tmp_path / "job.yaml", data)
+    job = load_job(job_path)
+    stream, fp = runner.prepare(job)
+    store = ShardStore.create(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
+    actors: set[int] = set()
+    stopped: list[psutil.Process] = []
+
+    def on_progress(stats):
+        actors.update(_teacher_actor_pids())
+        if not stopped and stats.generated >= 4:
+            (actor,) = _teacher_actor_pids()
+            for p in psutil.Process(actor).children(recursive=True):
+                p.suspend()  # SIGSTOP
+                stopped.append(p)
+
+    def thaw() -> None:  # leave nothing stopped behind; without a watchdog, the run ends (and fails) late
+        for p in stopped:
+            try:
+                p.resume()
+            except psutil.Error:
+                pass
+
+    fallback = threading.Timer(300, thaw)
+    fallback.start()
+    try:
+        stats = runner.execute(job, store, stream, on_progress=on_progress)
+    finally:
+        store.close()
+        fallback.cancel()
+        thaw()
+    assert stopped, "the engine was never stopped: the test proved nothing"
+    assert len(actors) >= 2, f"the actor was never restarted: {actors}"
+    for p in stopped:  # killed by the watchdog, not left frozen holding memory
+        try:
+            assert p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
+    ids = []
+    reopened = ShardStore.open(job.output.path)
+    for s in ("accepted", "rejected"):
+        ids += reopened.read(s, columns=["row_id"]).column("row_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 64
+    assert set(ids) == {r.row_id for r in PromptStream(job, run_fingerprint="")}
+    assert not stats.interrupted
 
 
 def _write(path: Path, data: dict) -> Path:

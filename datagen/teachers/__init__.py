@@ -60,6 +60,9 @@ class TeacherActor:
         teacher = TypeAdapter(Teacher).validate_python(cfg)
         self.teacher = build(teacher)
         self._warm: Any = None  # the warm-up task, started by the first ``info`` call
+        watch = getattr(self.teacher, "start_watchdog", None)
+        if watch is not None:  # a vLLM engine that hangs: this actor exits, Ray restarts it
+            watch()
         if teacher.backend == "openai":
             _collect_less()
 

@@ -26,6 +26,12 @@ OpenMP, none reserved, and ``engine.cpu_kvcache_gb`` of KV cache. With
 ``tensor_parallel_size`` x ``pipeline_parallel_size`` > 1 on GPUs, the runner places the
 actor in a Ray placement group and vLLM's Ray executor starts its workers in that
 group's bundles (see ``runner._placement``).
+
+An engine that dies is noticed by vLLM (``EngineDeadError``); one that hangs (a wedged
+GPU, a collective that never returns) is not. In a Ray actor the async engine is watched
+(``start_watchdog``): requests in flight and no engine step finished for
+``engine.stall_timeout_s`` -> the actor kills its engine processes and exits, and Ray
+restarts it like any dead engine.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +113,8 @@ class VLLMEngineTeacher:
         self._flat_logprobs = "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ())
         self.chat_template = _read_chat_template(cfg)
         self._ids = itertools.count()
+        self._in_flight = 0  # requests in the engine (watchdog)
+        self._progress = time.monotonic()  # when the engine last finished a step, or was handed work idle
         if cfg.engine.batching == "async":
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.usage.usage_lib import UsageContext
@@ -189,14 +199,64 @@ class VLLMEngineTeacher:
                 final = out
             return final
 
+        if not self._in_flight:
+            self._progress = time.monotonic()  # an idle engine was not stalled
+        self._in_flight += len(prompts)
         try:
             if self.llm is not None:
                 return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
         except Exception as exc:
             if type(exc).__name__ == "EngineDeadError":
-                _die_for_restart(exc)
+                _exit_for_restart(f"vLLM engine died ({exc})")
             raise
+        finally:
+            self._in_flight -= len(prompts)
+
+    # ----------------------------------------------------------------- watchdog
+
+    def start_watchdog(self) -> bool:
+        """Exit this process (a Ray actor, which Ray then restarts) when the engine holds
+        requests but has finished no step for ``engine.stall_timeout_s``. False: not watched
+        (offline batching blocks the actor's loop inside ``LLM.generate``; no limit set; a
+        vLLM whose client has no ``get_output_async``).
+
+        The beat is the engine client's output call, which returns once per engine step
+        (every running request gains a token; with ``FINAL_ONLY`` the front end drops the
+        unfinished ones afterwards). vLLM's stat loggers would see the same steps, but turn
+        on its stats pipeline and a Prometheus logger that works per token. Finished requests
+        are no beat: a batch of long answers on a slow device finishes none for minutes."""
+        limit = self.cfg.engine.stall_timeout_s
+        core = getattr(self.engine, "engine_core", None)
+        receive = getattr(core, "get_output_async", None)
+        if limit is None or receive is None:
+            if limit is not None and self.engine is not None:
+                print(f"datagen: teacher {self.cfg.name!r}: this vLLM has no engine-step hook; "
+                      "engine.stall_timeout_s is not enforced", file=sys.stderr, flush=True)
+            return False
+
+        async def step_outputs() -> Any:
+            out = await receive()
+            self._progress = time.monotonic()
+            return out
+
+        core.get_output_async = step_outputs
+        threading.Thread(target=self._watch, args=(limit,), name="datagen-engine-watchdog", daemon=True).start()
+        return True
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has held requests without finishing a step; 0 when idle."""
+        return time.monotonic() - self._progress if self._in_flight else 0.0
+
+    def _watch(self, limit: float) -> None:
+        while True:
+            time.sleep(min(5.0, limit / 4))
+            stalled = self.stalled_for()
+            if stalled > limit:
+                _exit_for_restart(f"vLLM engine of teacher {self.cfg.name!r} finished no step in {stalled:.0f} s "
+                                  f"with {self._in_flight} requests in flight (engine.stall_timeout_s: {limit:g})",
+                                  kill_engine=True)
+                return  # not in an actor after all: nothing here restarts the engine
 
     # ----------------------------------------------------------------- generate
 
@@ -297,21 +357,30 @@ class VLLMEngineTeacher:
         return [results[r["row_id"]] for r in requests]
 
 
-def _die_for_restart(exc: BaseException) -> None:
-    """The engine's core process died (OOM, a CUDA error) but this process lives on: in a
-    Ray actor, exit, so Ray restarts the actor with a fresh engine and re-runs the batches
-    it held (``max_restarts`` / ``max_task_retries``). Outside Ray the error propagates."""
+def _exit_for_restart(why: str, *, kill_engine: bool = False) -> None:
+    """The engine is gone (its core process died: OOM, a CUDA error) or hung, but this
+    process lives on: in a Ray actor, exit, so Ray restarts the actor with a fresh engine
+    and re-runs the batches it held (``max_restarts`` / ``max_task_retries``). Outside Ray,
+    return: the caller's error propagates. ``kill_engine``: SIGKILL this process's children
+    first; a hung engine process never reads that its parent is gone, and holds its memory."""
     try:
         import ray
 
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except Exception:  # noqa: BLE001 - no Ray, or no runtime context: not in an actor
         in_actor = False
-    if in_actor:
-        import sys
+    if not in_actor:
+        return
+    print(f"datagen: {why}; exiting so Ray restarts this actor", file=sys.stderr, flush=True)
+    if kill_engine:
+        import psutil  # a vLLM dependency
 
-        print(f"datagen: vLLM engine died ({exc}); exiting so Ray restarts this actor", file=sys.stderr, flush=True)
-        os._exit(70)
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    os._exit(70)
 
 
 def _positions(tokens: Any, logprobs: Any, k: int) -> tuple[list[float], list[list[int]], list[list[float]]]:
