@@ -10,7 +10,8 @@ counted once, at most ``BATCH_MAX_REQUEUES`` times per batch, and pings the repl
 that lost it. The replica gets no work until the ping answers (Ray restarted it, maybe
 on another node); while the cluster has not noticed the loss a ping fails fast, and is
 sent again a second later; once Ray reports the actor dead for good, it gets no more
-work. When no replica is left, the run stops.
+work: the driver starts a new actor in its place if it had answered a batch
+(``runner._Actors._renew``). When no replica is left, the run stops.
 
 Not covered: a replica that Ray can never place again (no node has the resources it
 asks for) stays "restarting", and its batches wait for another replica, or forever if

@@ -149,6 +149,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                 except ray.exceptions.RayError as exc:
                     raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {remote_cause(exc)}; "
                                        f"{_kept(out, res)}") from None
+                actors.answered(actor)
                 for row, g in zip(rows, gens):
                     _apply(row, g, info, tag)
                     row["license"] = {**row["license"], "logprobs": lid}

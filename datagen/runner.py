@@ -11,7 +11,8 @@ memory is bounded by actors x slots x batch size, whatever the job size. Actors 
 started with ``max_restarts`` / ``max_task_retries`` so Ray itself restarts a dead
 engine and re-runs its batches; a batch whose actor or node is lost anyway is run again
 (``datagen/replicas.py``), and one lost too often stops the run after everything already
-received is committed.
+received is committed. A replica Ray gave up on after it had answered a batch is started
+anew (``_Actors._renew``).
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ class _Actors:
 
         from datagen.teachers import TeacherActor
 
-        remote = ray.remote(TeacherActor)
+        self._remote = ray.remote(TeacherActor)
         self.by_teacher: dict[str, list[Any]] = {}
         self.load: dict[Any, int] = {}
         self.info: dict[str, dict[str, Any]] = {}
@@ -274,14 +275,45 @@ class _Actors:
         self.liveness = Liveness()
         self.backends = {t.name: t.backend for t in job.teachers}
         self._lost: Counter[str] = Counter()  # first row id of a batch -> times its work was lost
+        self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
+        self.served: Counter[Any] = Counter()  # actor -> batches it answered (``answered``)
+        self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
         for t in job.teachers:
-            # Each replica gets its share of a teacher-wide budget (OpenAITeacher.for_replica).
-            actors = [remote.options(**self._options(t)).remote(t.for_replica(i).model_dump(mode="json"))
-                      for i in range(t.replicas)]
-            self.by_teacher[t.name] = actors
-            for a in actors:
-                self.load[a] = 0
+            opts = [self._options(t) for _ in range(t.replicas)]
+            self.by_teacher[t.name] = [self._start(t, i, o) for i, o in enumerate(opts)]
         self._starting = {a.info.remote(): name for name, actors in self.by_teacher.items() for a in actors}
+
+    def _start(self, t: Any, index: int, opts: dict[str, Any]) -> Any:
+        # Each replica gets its share of a teacher-wide budget (OpenAITeacher.for_replica).
+        actor = self._remote.options(**opts).remote(t.for_replica(index).model_dump(mode="json"))
+        self._made[actor] = (t, index, opts)
+        self.load[actor] = 0
+        return actor
+
+    def answered(self, actor: Any) -> None:
+        """``actor`` returned a batch: it works, so it is worth starting anew should Ray
+        give up on it (``_renew``)."""
+        self.served[actor] += 1
+
+    def _renew(self, teacher: str) -> bool:
+        """Start a fresh actor in place of each replica of ``teacher`` that Ray gave up on
+        (``max_restarts`` is per actor, for its whole life: a replica that hung or lost
+        its node four times in a day-long run would otherwise be gone for the rest of it)
+        but that answered at least one batch. A replica that died answering none (an
+        engine that cannot start, a crash on every batch) stays dead: a crash loop ends
+        the run instead of spinning. The new actor gets work once it is warm (a ping,
+        as after a restart). True if any was started."""
+        actors = self.by_teacher[teacher]
+        renewed = False
+        for i, old in enumerate(actors):
+            if old in self.liveness.dead and self.served[old] and old in self._made:
+                t, index, opts = self._made.pop(old)
+                actors[i] = new = self._start(t, index, opts)  # the same placement group, if any
+                self.liveness.dead.discard(old)  # retired: out of every list the driver picks from
+                self.liveness.lost(new, new.info)
+                self.renewed[teacher] += 1
+                renewed = True
+        return renewed
 
     def _options(self, t: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_TASK_RETRIES,
@@ -328,15 +360,21 @@ class _Actors:
     def free(self, teacher: str, limit: int) -> Any | None:
         """An answering replica with a free slot, or None."""
         try:
-            return self.liveness.pick(self.by_teacher[teacher], self.load, limit)
+            actor = self.liveness.pick(self.by_teacher[teacher], self.load, limit)
+            if self.liveness.dead:
+                self._renew(teacher)
+            return actor
         except ReplicasLost as exc:
+            if self._renew(teacher):
+                return None  # no replica answers until a new one is warm
             hint = (". Why each replica exited is in its Ray worker log (DATAGEN_VERBOSE=1 prints those logs "
                     "here). If its engines ran out of memory, "
                     "lower engine.gpu_memory_utilization or engine.max_num_seqs in the job file and "
                     "`datagen resume OUT --job JOB.yaml`; if they hung (no step for engine.stall_timeout_s), "
                     "the same resume may raise that limit when a step is legitimately that slow"
                     if self.backends.get(teacher) == "vllm" else "")
-            raise DatagenError(f"teacher {teacher!r}: {exc}; committed rows are intact, "
+            raise DatagenError(f"teacher {teacher!r}: {exc}, each before answering a batch (one that had "
+                               "answered is started anew); committed rows are intact, "
                                f"`datagen resume` continues{hint}") from None
 
     def batch_lost(self, actor: Any, batch_key: str, exc: BaseException, *, who: str, then: str) -> None:
@@ -344,7 +382,8 @@ class _Actors:
         no work for the actor until it answers again, and the caller sends the batch again,
         unless this batch (``batch_key``: its first row id) was lost more than
         ``BATCH_MAX_REQUEUES`` times; then stop, saying ``then``."""
-        self.liveness.lost(actor, actor.info)
+        if actor in self._made:  # not a retired replica (``_renew``), whose batches come back lost too
+            self.liveness.lost(actor, actor.info)
         self._lost[batch_key] += 1
         if self._lost[batch_key] > BATCH_MAX_REQUEUES:
             raise DatagenError(f"{who} died {self._lost[batch_key]} times on one batch ({remote_cause(exc)}); "
@@ -480,8 +519,12 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
                 on_progress(stats)
             if actors.wait_started(job.runtime.startup_timeout_s, lambda: stop.set):
                 stats.teachers_ready = time.monotonic()
-                _drive(job, store, stream, done, stats, actors, teachers, filters, quota, row_licenses, stop,
-                       on_progress, dedup)
+                try:
+                    _drive(job, store, stream, done, stats, actors, teachers, filters, quota, row_licenses, stop,
+                           on_progress, dedup)
+                finally:
+                    if actors.renewed:
+                        stats.lost["new teacher replica"] += sum(actors.renewed.values())
             stats.interrupted = stop.set
             # Rows already received are complete: commit them. In-flight batches are not
             # committed; `datagen resume` regenerates them under the same ids.
@@ -694,6 +737,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                     f"teacher {name!r} raised {remote_cause(exc)}; committed rows are intact, "
                     f"`datagen resume {store.root}` continues"
                 ) from None
+            actors.answered(actor)
             meter.generated_rows(name, len(gens))
             good: list[dict[str, Any]] = []
             for req, gen in zip(batch, gens):

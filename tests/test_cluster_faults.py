@@ -125,6 +125,18 @@ def _finish(proc, timeout: float = 600) -> str:
     return err
 
 
+def _kill_a_teacher_past_its_restarts(proc, *, then_wait_for_a_new_one: bool = False) -> None:
+    """SIGKILL one teacher replica once more than Ray restarts an actor, waiting for each
+    restart; then, if asked, for the actor the driver starts in its place."""
+    seen = set(_wait_for(lambda: _actor_pids(proc, "TeacherActor"), proc, "teacher actors"))
+    victim = min(seen)
+    for kill in range(runner.ACTOR_MAX_RESTARTS + 1):
+        os.kill(victim, signal.SIGKILL)
+        if kill < runner.ACTOR_MAX_RESTARTS or then_wait_for_a_new_one:
+            victim = _wait_for(lambda: set(_actor_pids(proc, "TeacherActor")) - seen, proc, "restarted teacher").pop()
+            seen.add(victim)
+
+
 def test_killed_actors_cost_time_not_rows(tmp_path, server, reference):
     server.inject("latency", times=None, seconds=2.0)  # every actor busy when killed
     job = fault_job(tmp_path, server, "actors")
@@ -138,14 +150,7 @@ def test_killed_actors_cost_time_not_rows(tmp_path, server, reference):
             os.kill(_wait_for(lambda: _actor_pids(proc, cls), proc, cls)[0], signal.SIGKILL)
         # One teacher replica, until Ray gives up on it (max_restarts): its last batch
         # comes back to the driver as lost, and goes to the other replica.
-        seen = set(_wait_for(lambda: _actor_pids(proc, "TeacherActor"), proc, "teacher actors"))
-        victim = min(seen)
-        for kill in range(runner.ACTOR_MAX_RESTARTS + 1):
-            os.kill(victim, signal.SIGKILL)
-            if kill < runner.ACTOR_MAX_RESTARTS:
-                victim = _wait_for(lambda: set(_actor_pids(proc, "TeacherActor")) - seen, proc,
-                                   "restarted teacher").pop()
-                seen.add(victim)
+        _kill_a_teacher_past_its_restarts(proc)
         assert proc.poll() is None, "the run ended before the faults were all in: they proved nothing"
     finally:
         server.clear()
@@ -154,6 +159,71 @@ def test_killed_actors_cost_time_not_rows(tmp_path, server, reference):
     # What reached the driver: the batch Ray gave up on, and the index it lost.
     assert re.search(r"redone after an actor or node died: .*\d+ teacher batch", err), err
     assert "dedupe index rebuild" in err, err
+
+
+def test_a_replica_ray_gave_up_on_is_started_anew(tmp_path, server, reference):
+    """Ray's restart budget is for an actor's whole life: the only teacher replica, killed
+    once more than Ray restarts it, would end the run. It had answered batches, so the
+    driver starts a new one, and the run ends as the reference did."""
+    server.inject("latency", times=None, seconds=0.3)
+    job = fault_job(tmp_path, server, "renew", teacher={"replicas": 1})
+    out = tmp_path / "renew" / "out"
+    proc = _start(job)
+    try:
+        _wait_for_rows(out, proc, 2)  # it has answered: worth starting anew
+        _kill_a_teacher_past_its_restarts(proc, then_wait_for_a_new_one=True)
+        assert proc.poll() is None, "the run ended before the faults were all in: they proved nothing"
+    finally:
+        server.clear()
+    err = _finish(proc)
+    assert outcome(out) == reference
+    assert re.search(r"redone after an actor or node died: .*1 new teacher replica\b", err), err
+
+
+def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, monkeypatch):
+    """The crash-loop guard, on real actors: dead before answering a batch -> the teacher
+    has no replica left and the driver says so; dead after answering one -> a new actor
+    takes its place and answers."""
+    from types import SimpleNamespace
+
+    from datagen.config import OpenAITeacher
+
+    monkeypatch.setattr(runner, "ACTOR_MAX_RESTARTS", 0)  # Ray gives up at the first death
+    cfg = OpenAITeacher.model_validate({"name": "fake", "backend": "openai", "model": "fake",
+                                        "base_url": server.base_url, "timeout_s": 10})
+    batch = [{"row_id": "r0", "messages": [{"role": "user", "content": "Where is my blender, order 12345?"}], "seed": 1}]
+
+    def lose(actors, actor):  # as runner._drive does with a batch whose actor died
+        with pytest.raises(local_ray.exceptions.RayActorError) as exc:
+            local_ray.get(actor.generate.remote(batch))
+        actors.batch_lost(actor, "r0", exc.value, who="teacher 'fake'", then="stop")
+
+    def free(actors):
+        deadline = time.monotonic() + 60
+        while (actor := actors.free("fake", 2)) is None:
+            assert time.monotonic() < deadline
+            actors.liveness.wait(0.5)
+        return actor
+
+    fresh = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    assert fresh.wait_started(60, lambda: False)
+    (actor,) = fresh.by_teacher["fake"]
+    local_ray.kill(actor, no_restart=True)
+    lose(fresh, actor)
+    with pytest.raises(DatagenError, match=r"all 1 replica\(s\) died"):
+        free(fresh)
+    assert not fresh.renewed
+
+    worked = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    assert worked.wait_started(60, lambda: False)
+    (actor,) = worked.by_teacher["fake"]
+    assert local_ray.get(actor.generate.remote(batch))[0]["error"] is None
+    worked.answered(actor)
+    local_ray.kill(actor, no_restart=True)
+    lose(worked, actor)
+    new = free(worked)
+    assert new is not actor and worked.by_teacher["fake"] == [new] and worked.renewed["fake"] == 1
+    assert local_ray.get(new.generate.remote(batch))[0]["error"] is None
 
 
 def test_killed_driver_is_finished_by_resume(tmp_path, server, reference):
