@@ -18,6 +18,9 @@
     it (driver only collecting). Each layer's ratio shows what that layer costs.
     Run to run, bare alone varies by ~5% on a small shared machine; ``--repeat N`` runs
     the whole set N times, alternating, and prints the median of each ratio.
+``--watchdog N`` instead times only the backend in its Ray actor, N times each with the
+    hung-engine watchdog off (``engine.stall_timeout_s: null``) and on (its default),
+    alternating, and prints both medians: what the watchdog's per-step beat costs.
 (c) storage: on-disk bytes per generated token of the KD columns (token ids, sampled
     logprob, top-k ids and logprobs) in the datagen run's shards, and the max absolute
     error of the stored log-probs against the float values bare vLLM returned.
@@ -51,11 +54,11 @@ def seeds(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def teacher_cfg(args, batching: str) -> dict:
+def teacher_cfg(args, batching: str, **engine) -> dict:
     return {
         "name": "t", "backend": "vllm", "model": args.model, "license": "Apache-2.0",
         "num_gpus": args.gpus, "num_cpus": 1, "batch_size": args.batch,
-        "engine": {"max_model_len": 1024, "enforce_eager": args.eager, "batching": batching},
+        "engine": {"max_model_len": 1024, "enforce_eager": args.eager, "batching": batching, **engine},
         "sampling": {"temperature": 0.8, "max_tokens": args.max_tokens, "logprobs": args.k},
     }
 
@@ -141,7 +144,7 @@ def backend_in_process(args, job_path: Path) -> tuple[float, int]:
     return secs, sum(g.completion_tokens or 0 for b in outs for g in b)
 
 
-def backend_in_actor(args, job_path: Path) -> tuple[float, int]:
+def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
     """The same, in its Ray actor as the run deploys it (runner._Actors), the driver only collecting."""
     from types import SimpleNamespace
 
@@ -151,7 +154,7 @@ def backend_in_actor(args, job_path: Path) -> tuple[float, int]:
     from datagen.runner import _Actors, init_ray
 
     batches = batches_of(args, job_path)
-    cfg = VLLMTeacher.model_validate(teacher_cfg(args, "async"))
+    cfg = VLLMTeacher.model_validate(teacher_cfg(args, "async", **engine))
     started = init_ray(Runtime(num_cpus=os.cpu_count()))
     try:
         actors = _Actors(SimpleNamespace(teachers=[cfg]))
@@ -218,7 +221,11 @@ def main() -> None:
                    help="run bare and datagen this many times, alternating, and print each ratio's median")
     p.add_argument("--layers", action="store_true",
                    help="also time the async backend alone, in this process and in its Ray actor (where a gap is)")
+    p.add_argument("--watchdog", type=int, default=0, metavar="N",
+                   help="only time the backend in its actor, N times each with the hung-engine watchdog off and on")
     args = p.parse_args()
+    if args.watchdog:
+        return watchdog_cost(args)
     print(f"python {sys.version.split()[0]}, cpus {len(os.sched_getaffinity(0))}, model {args.model}, "
           f"{args.prompts} prompts, max_tokens {args.max_tokens}, batch {args.batch} x {args.inflight} in flight, "
           f"top-{args.k}")
@@ -265,6 +272,20 @@ def main() -> None:
         print(f"(c) stored log-prob max abs error {err.max():.4f} nats over {len(f)} real vLLM values "
               f"(mean {err.mean():.4f})")
     print(f"benchmark driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def watchdog_cost(args) -> None:
+    speeds: dict[str, list[float]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as d:
+        job = write_job(Path(d), args, "async")
+        for rep in range(args.watchdog):
+            for mode, engine in (("off", {"stall_timeout_s": None}), ("on", {})):
+                s, n = backend_in_actor(args, job, **engine)
+                speeds[mode].append(n / s)
+                print(f"backend in Ray actor, watchdog {mode:<3s} #{rep + 1}  {n:7d} tokens  {s:7.1f} s  "
+                      f"{n / s:8.1f} tokens/s", flush=True)
+    for mode, v in speeds.items():
+        print(f"watchdog {mode:<3s} median {statistics.median(v):8.1f} tokens/s  ({', '.join(f'{x:.1f}' for x in v)})")
 
 
 if __name__ == "__main__":
