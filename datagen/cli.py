@@ -268,6 +268,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
           f"in {res.seconds:.1f} s -> {res.dest}")
     if res.redone:
         print(f"{res.redone} batch(es) scored again after their engine's actor or node died")
+    if res.renewed:
+        print(f"{res.renewed} replica(s) started anew after Ray gave up restarting them")
     return 0
 
 

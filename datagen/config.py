@@ -76,7 +76,7 @@ class VLLMEngine(Strict):
     enforce_eager: bool = False
     cpu_kvcache_gb: float = Field(2.0, gt=0.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     stall_timeout_s: float | None = Field(
-        600.0, ge=1.0, description="an engine holding requests that finishes no step for this long is hung "
+        600.0, ge=1.0, description="an engine holding requests that gives none a token for this long is hung "
         "(a wedged GPU, a collective deadlock): its actor exits and Ray restarts it with a fresh engine, "
         "its batches re-run; null: wait forever. Async batching only")
 

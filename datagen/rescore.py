@@ -53,6 +53,7 @@ class RescoreResult:
     failed: Counter = field(default_factory=Counter)
     resumed: int = 0  # rows a killed or interrupted earlier call had already scored
     redone: int = 0  # batches sent again after their actor or node died under them
+    renewed: int = 0  # replicas started anew after Ray gave up on them (runner._Actors._renew)
     seconds: float = 0.0
 
 
@@ -97,7 +98,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
         res.resumed = len(done)
         started_ray = init_ray(runtime or Runtime())
         try:
-            actors = _Actors(_OneTeacher(teacher))
+            actors = _Actors(_OneTeacher(teacher), startup_timeout_s=teacher_startup_s(runtime))
             if not actors.wait_started(teacher_startup_s(runtime), lambda: stop.set):
                 raise _interrupted(out, res)
             info = actors.info[teacher.name]
@@ -160,6 +161,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                         res.rows += 1
                         out.add("accepted", row)
                 out.commit_due()
+            res.renewed = sum(actors.renewed.values())
             if stop.set:
                 raise _interrupted(out, res)
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -262,7 +263,7 @@ def _check_resources(job: Job) -> None:
 class _Actors:
     """The replicas of every teacher, with their in-flight batches."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, *, startup_timeout_s: float = 600.0):
         import ray
 
         from datagen.teachers import TeacherActor
@@ -278,6 +279,8 @@ class _Actors:
         self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
         self.served: Counter[Any] = Counter()  # actor -> batches it answered (``answered``)
         self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
+        self._startup_s = startup_timeout_s
+        self._fresh: dict[Any, tuple[str, float]] = {}  # started anew, not answering yet -> (teacher, deadline)
         for t in job.teachers:
             opts = [self._options(t) for _ in range(t.replicas)]
             self.by_teacher[t.name] = [self._start(t, i, o) for i, o in enumerate(opts)]
@@ -295,6 +298,11 @@ class _Actors:
         give up on it (``_renew``)."""
         self.served[actor] += 1
 
+    @property
+    def replicas(self) -> int:
+        """Replicas in service, over every teacher (retired ones not counted)."""
+        return sum(len(a) for a in self.by_teacher.values())
+
     def _renew(self, teacher: str) -> bool:
         """Start a fresh actor in place of each replica of ``teacher`` that Ray gave up on
         (``max_restarts`` is per actor, for its whole life: a replica that hung or lost
@@ -302,15 +310,30 @@ class _Actors:
         but that answered at least one batch. A replica that died answering none (an
         engine that cannot start, a crash on every batch) stays dead: a crash loop ends
         the run instead of spinning. The new actor gets work once it is warm (a ping,
-        as after a restart). True if any was started."""
+        as after a restart), and must answer within the start-up time-out. True if any was
+        started."""
+        import ray
+
+        now = time.monotonic()
+        for actor, (name, deadline) in list(self._fresh.items()):
+            if actor not in self.liveness.down:
+                del self._fresh[actor]  # answered (or dead)
+            elif now > deadline:  # cannot be placed, or hangs starting: dead, and never answered
+                print(f"datagen: a new replica of teacher {name!r} did not start within {self._startup_s:g} s "
+                      "(runtime.startup_timeout_s)", file=sys.stderr, flush=True)
+                ray.kill(actor, no_restart=True)
+                del self._fresh[actor]
         actors = self.by_teacher[teacher]
         renewed = False
         for i, old in enumerate(actors):
             if old in self.liveness.dead and self.served[old] and old in self._made:
+                # Dead to the driver may be alive to Ray (its ping raised): free what it holds.
+                ray.kill(old, no_restart=True)
                 t, index, opts = self._made.pop(old)
                 actors[i] = new = self._start(t, index, opts)  # the same placement group, if any
                 self.liveness.dead.discard(old)  # retired: out of every list the driver picks from
                 self.liveness.lost(new, new.info)
+                self._fresh[new] = (teacher, now + self._startup_s)
                 self.renewed[teacher] += 1
                 renewed = True
         return renewed
@@ -361,7 +384,7 @@ class _Actors:
         """An answering replica with a free slot, or None."""
         try:
             actor = self.liveness.pick(self.by_teacher[teacher], self.load, limit)
-            if self.liveness.dead:
+            if self.liveness.dead or self._fresh:
                 self._renew(teacher)
             return actor
         except ReplicasLost as exc:
@@ -370,7 +393,7 @@ class _Actors:
             hint = (". Why each replica exited is in its Ray worker log (DATAGEN_VERBOSE=1 prints those logs "
                     "here). If its engines ran out of memory, "
                     "lower engine.gpu_memory_utilization or engine.max_num_seqs in the job file and "
-                    "`datagen resume OUT --job JOB.yaml`; if they hung (no step for engine.stall_timeout_s), "
+                    "`datagen resume OUT --job JOB.yaml`; if they hung (no token for engine.stall_timeout_s), "
                     "the same resume may raise that limit when a step is legitimately that slow"
                     if self.backends.get(teacher) == "vllm" else "")
             raise DatagenError(f"teacher {teacher!r}: {exc}, each before answering a batch (one that had "
@@ -512,7 +535,7 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
         with _StopFlag() as stop:
             if started_ray:
                 _check_resources(job)
-            actors = _Actors(job)
+            actors = _Actors(job, startup_timeout_s=job.runtime.startup_timeout_s)
             filters = FilterPool(job, spec.answer, slots=job.runtime.inflight_per_actor)
             dedup = _start_dedupe(job, store) if job.dedupe.streaming else None
             if on_progress:
@@ -671,7 +694,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 actors.load[actor] += 1
                 inflight[ref] = (actor, name, batch)
                 continue
-            if exhausted or len(ready_batches) >= len(actors.load):
+            if exhausted or len(ready_batches) >= actors.replicas:
                 break  # backpressure: pull no more prompts until a slot frees
             finishing_group = (groups is not None and quota.stop_reason() is None
                                and (nxt := pending.peek()) is not None and nxt.prompt_id == last_prompt)

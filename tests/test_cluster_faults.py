@@ -149,7 +149,8 @@ def test_killed_actors_cost_time_not_rows(tmp_path, server, reference):
         for cls in ("FilterWorker", "IndexShard"):
             os.kill(_wait_for(lambda: _actor_pids(proc, cls), proc, cls)[0], signal.SIGKILL)
         # One teacher replica, until Ray gives up on it (max_restarts): its last batch
-        # comes back to the driver as lost, and goes to the other replica.
+        # comes back to the driver as lost, and goes to the other replica (or to the one
+        # the driver starts in its place).
         _kill_a_teacher_past_its_restarts(proc)
         assert proc.poll() is None, "the run ended before the faults were all in: they proved nothing"
     finally:
@@ -177,13 +178,13 @@ def test_a_replica_ray_gave_up_on_is_started_anew(tmp_path, server, reference):
         server.clear()
     err = _finish(proc)
     assert outcome(out) == reference
-    assert re.search(r"redone after an actor or node died: .*1 new teacher replica\b", err), err
+    assert re.search(r"redone after an actor or node died: .*(?<!\d)1 new teacher replica\b", err), err
 
 
 def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, monkeypatch):
     """The crash-loop guard, on real actors: dead before answering a batch -> the teacher
     has no replica left and the driver says so; dead after answering one -> a new actor
-    takes its place and answers."""
+    takes its place and answers, unless it misses the start-up time-out."""
     from types import SimpleNamespace
 
     from datagen.config import OpenAITeacher
@@ -191,7 +192,8 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     monkeypatch.setattr(runner, "ACTOR_MAX_RESTARTS", 0)  # Ray gives up at the first death
     cfg = OpenAITeacher.model_validate({"name": "fake", "backend": "openai", "model": "fake",
                                         "base_url": server.base_url, "timeout_s": 10})
-    batch = [{"row_id": "r0", "messages": [{"role": "user", "content": "Where is my blender, order 12345?"}], "seed": 1}]
+    ask = "Where is my blender, order 12345?"
+    batch = [{"row_id": "r0", "messages": [{"role": "user", "content": ask}], "seed": 1}]
 
     def lose(actors, actor):  # as runner._drive does with a batch whose actor died
         with pytest.raises(local_ray.exceptions.RayActorError) as exc:
@@ -224,6 +226,24 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     new = free(worked)
     assert new is not actor and worked.by_teacher["fake"] == [new] and worked.renewed["fake"] == 1
     assert local_ray.get(new.generate.remote(batch))[0]["error"] is None
+
+    late = runner._Actors(SimpleNamespace(teachers=[cfg]), startup_timeout_s=0)  # no new actor starts that fast
+    assert late.wait_started(60, lambda: False)
+    (actor,) = late.by_teacher["fake"]
+    local_ray.get(actor.generate.remote(batch))
+    late.answered(actor)
+    local_ray.kill(actor, no_restart=True)
+    lose(late, actor)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray's "dead" reaches the driver and it starts one anew
+        assert late.free("fake", 2) is None and time.monotonic() < deadline
+        if actor not in late.by_teacher["fake"]:
+            break
+        late.liveness.wait(0.5)
+    assert late.free("fake", 2) is None  # at once: still starting, and already late
+    with pytest.raises(DatagenError, match=r"all 1 replica\(s\) died"):
+        free(late)
+    assert late.renewed["fake"] == 1  # started, missed its time-out, killed, and not started again
 
 
 def test_killed_driver_is_finished_by_resume(tmp_path, server, reference):

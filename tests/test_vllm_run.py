@@ -235,17 +235,21 @@ def test_a_hung_engine_is_killed_and_restarted_and_its_rows_still_come_once(tmp_
 
     data = yaml.safe_load(_job(tmp_path).read_text())
     data["prompts"]["count"] = 32
-    data["teachers"][0]["engine"]["stall_timeout_s"] = 10
+    # 4 sequences an engine step: 2 batches in the actor, one in the engine at any time
+    # (at vLLM's 256 all 16 would go at once and might be done before the stop).
+    data["teachers"][0]["engine"].update(stall_timeout_s=15, max_num_seqs=4)
     job_path = _write(tmp_path / "job.yaml", data)
     job = load_job(job_path)
     stream, fp = runner.prepare(job)
     store = ShardStore.create(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
     actors: set[int] = set()
     stopped: list[psutil.Process] = []
+    logs: list[Path] = []
 
     def on_progress(stats):
         actors.update(_teacher_actor_pids())
         if not stopped and stats.generated >= 4:
+            logs.append(Path("/tmp/ray/session_latest").resolve() / "logs")  # this run's local Ray
             (actor,) = _teacher_actor_pids()
             for p in psutil.Process(actor).children(recursive=True):
                 p.suspend()  # SIGSTOP
@@ -268,6 +272,9 @@ def test_a_hung_engine_is_killed_and_restarted_and_its_rows_still_come_once(tmp_
         thaw()
     assert stopped, "the engine was never stopped: the test proved nothing"
     assert len(actors) >= 2, f"the actor was never restarted: {actors}"
+    said = [line for f in logs[0].glob("worker-*.err") for line in f.read_text(errors="replace").splitlines()
+            if "requests a token in" in line]
+    assert said and "(engine.stall_timeout_s: 15); exiting so Ray restarts this actor" in said[0], said
     for p in stopped:  # killed by the watchdog, not left frozen holding memory
         try:
             assert p.status() == psutil.STATUS_ZOMBIE

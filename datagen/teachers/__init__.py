@@ -73,6 +73,12 @@ class TeacherActor:
         replica counts as started, or back after a restart, only when it can take a batch
         at full speed. Warm-up runs on the actor's own event loop, where the engine's
         output handler must live. API teachers have none: nothing is sent to a provider."""
+        await self._warmed()
+        return self.teacher.info()
+
+    async def _warmed(self) -> None:
+        """Warm-up runs once, before this actor's first answer of any kind: after a restart,
+        Ray re-sends the batches it held before the driver's ping arrives."""
         import asyncio
 
         warmup = getattr(self.teacher, "warmup", None)
@@ -80,11 +86,12 @@ class TeacherActor:
             if self._warm is None:
                 self._warm = asyncio.ensure_future(warmup())
             await asyncio.shield(self._warm)  # concurrent callers share one warm-up
-        return self.teacher.info()
 
     async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        await self._warmed()
         return [g.to_dict() for g in await self.teacher.generate(requests)]
 
     async def rescore(self, requests: list[dict[str, Any]], *, k: int) -> list[dict[str, Any]]:
         """Teacher-forced top-k over given responses (``datagen rescore``); vLLM only."""
+        await self._warmed()
         return [g.to_dict() for g in await self.teacher.rescore(requests, k=k)]

@@ -29,7 +29,7 @@ group's bundles (see ``runner._placement``).
 
 An engine that dies is noticed by vLLM (``EngineDeadError``); one that hangs (a wedged
 GPU, a collective that never returns) is not. In a Ray actor the async engine is watched
-(``start_watchdog``): requests in flight and no engine step finished for
+(``start_watchdog``): requests in flight and none given a token for
 ``engine.stall_timeout_s`` -> the actor kills its engine processes and exits, and Ray
 restarts it like any dead engine.
 """
@@ -114,7 +114,7 @@ class VLLMEngineTeacher:
         self.chat_template = _read_chat_template(cfg)
         self._ids = itertools.count()
         self._in_flight = 0  # requests in the engine (watchdog)
-        self._progress = time.monotonic()  # when the engine last finished a step, or was handed work idle
+        self._progress = time.monotonic()  # the engine's last step that gave a token, or work handed to it idle
         if cfg.engine.batching == "async":
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.usage.usage_lib import UsageContext
@@ -217,15 +217,17 @@ class VLLMEngineTeacher:
 
     def start_watchdog(self) -> bool:
         """Exit this process (a Ray actor, which Ray then restarts) when the engine holds
-        requests but has finished no step for ``engine.stall_timeout_s``. False: not watched
+        requests but has given none of them a token for ``engine.stall_timeout_s``. False: not watched
         (offline batching blocks the actor's loop inside ``LLM.generate``; no limit set; a
         vLLM whose client has no ``get_output_async``).
 
-        The beat is the engine client's output call, which returns once per engine step
-        (every running request gains a token; with ``FINAL_ONLY`` the front end drops the
-        unfinished ones afterwards). vLLM's stat loggers would see the same steps, but turn
-        on its stats pipeline and a Prometheus logger that works per token. Finished requests
-        are no beat: a batch of long answers on a slow device finishes none for minutes."""
+        The beat is the engine client's output call, which returns once per engine step that
+        gave any request a token (with ``FINAL_ONLY`` the front end drops the unfinished
+        ones afterwards); a step that only prefills part of a long prompt gives none, so the
+        limit must exceed the longest prefill. vLLM's stat loggers would see every step, but
+        turn on its stats pipeline and a Prometheus logger that works per token. Finished
+        requests are no beat: a batch of long answers on a slow device finishes none for
+        minutes."""
         limit = self.cfg.engine.stall_timeout_s
         core = getattr(self.engine, "engine_core", None)
         receive = getattr(core, "get_output_async", None)
@@ -245,7 +247,7 @@ class VLLMEngineTeacher:
         return True
 
     def stalled_for(self) -> float:
-        """Seconds the engine has held requests without finishing a step; 0 when idle."""
+        """Seconds the engine has held requests without giving one a token; 0 when idle."""
         return time.monotonic() - self._progress if self._in_flight else 0.0
 
     def _watch(self, limit: float) -> None:
@@ -253,8 +255,8 @@ class VLLMEngineTeacher:
             time.sleep(min(5.0, limit / 4))
             stalled = self.stalled_for()
             if stalled > limit:
-                _exit_for_restart(f"vLLM engine of teacher {self.cfg.name!r} finished no step in {stalled:.0f} s "
-                                  f"with {self._in_flight} requests in flight (engine.stall_timeout_s: {limit:g})",
+                _exit_for_restart(f"vLLM engine of teacher {self.cfg.name!r} gave none of its {self._in_flight} "
+                                  f"requests a token in {stalled:.0f} s (engine.stall_timeout_s: {limit:g})",
                                   kill_engine=True)
                 return  # not in an actor after all: nothing here restarts the engine
 
