@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 
 from datagen import records
 from datagen.errors import OutputError
-from datagen.shards import JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest, resume_hint
+from datagen.shards import (JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest,
+                            resume_hint)
 
 SCHEMES = ("s3",)
 LEASE_S = 120.0  # a lease not renewed for this long is free to take

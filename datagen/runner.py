@@ -326,7 +326,7 @@ class _Actors:
         actors = self.by_teacher[teacher]
         renewed = False
         for i, old in enumerate(actors):
-            if old in self.liveness.dead and self.served[old] and old in self._made:
+            if old in self.liveness.dead and self.served[old]:
                 # Dead to the driver may be alive to Ray (its ping raised): free what it holds.
                 ray.kill(old, no_restart=True)
                 t, index, opts = self._made.pop(old)
