@@ -277,7 +277,7 @@ class _Actors:
         self.backends = {t.name: t.backend for t in job.teachers}
         self._lost: Counter[str] = Counter()  # first row id of a batch -> times its work was lost
         self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
-        self.served: Counter[Any] = Counter()  # actor -> batches it answered (``answered``)
+        self._answered: set[Any] = set()  # actors that returned a batch (``answered``)
         self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
         self._startup_s = startup_timeout_s
         self._fresh: dict[Any, tuple[str, float]] = {}  # started anew, not answering yet -> (teacher, deadline)
@@ -296,7 +296,7 @@ class _Actors:
     def answered(self, actor: Any) -> None:
         """``actor`` returned a batch: it works, so it is worth starting anew should Ray
         give up on it (``_renew``)."""
-        self.served[actor] += 1
+        self._answered.add(actor)
 
     @property
     def replicas(self) -> int:
@@ -326,7 +326,7 @@ class _Actors:
         actors = self.by_teacher[teacher]
         renewed = False
         for i, old in enumerate(actors):
-            if old in self.liveness.dead and self.served[old]:
+            if old in self.liveness.dead and old in self._answered:
                 # Dead to the driver may be alive to Ray (its ping raised): free what it holds.
                 ray.kill(old, no_restart=True)
                 t, index, opts = self._made.pop(old)
