@@ -13,9 +13,11 @@
     The ratio datagen/bare is the cost of the product around the engine. The prompts ask
     for answers of very different lengths, so a batch-at-a-time engine waits on its
     longest sequence while the async engine keeps refilling.
-    ``--layers`` first times the async backend by itself, fed the run's batches all at
-    once: in this process (no Ray, no driver), then in its Ray actor as the run deploys
-    it (driver only collecting). Each layer's ratio shows what that layer costs.
+    ``--layers`` first times bare vLLM again with an idle local Ray beside it (what Ray's
+    daemons cost an engine that shares their cores), then the async backend by itself,
+    fed the run's batches all at once: in this process (no Ray, no driver), then in its
+    Ray actor as the run deploys it (driver only collecting). Each layer's ratio shows
+    what that layer costs.
     Run to run, bare alone varies by ~5% on a small shared machine; ``--repeat N`` runs
     the whole set N times, alternating, and prints the median of each ratio.
 ``--watchdog N`` instead times only the backend in its Ray actor, N times each with the
@@ -105,6 +107,23 @@ def bare(args, job_path: Path) -> tuple[float, int, list]:
     floats = [lp.logprob for o in outs for pos in o.outputs[0].logprobs for lp in pos.values()
               if math.isfinite(lp.logprob)]  # -inf (impossible tokens) saturate by design
     return secs, tokens, floats
+
+
+def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
+    """Bare vLLM again, with a local Ray instance (as ``datagen run`` starts one) up and idle
+    beside it: what Ray's daemons alone cost an engine that shares their cores."""
+    from datagen.config import Runtime
+    from datagen.runner import init_ray
+
+    import ray
+
+    started = init_ray(Runtime(num_cpus=os.cpu_count()))
+    try:
+        secs, tokens, _ = bare(args, job_path)
+    finally:
+        if started:
+            ray.shutdown()
+    return secs, tokens
 
 
 def batches_of(args, job_path: Path) -> list[list[dict]]:
@@ -240,7 +259,8 @@ def main() -> None:
             at = f" #{rep + 1}" if args.repeat > 1 else ""
             print(f"(a) bare vllm.LLM.generate{at:<6s}  {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
             if args.layers:
-                for name, layer in (("backend in process", backend_in_process),
+                for name, layer in (("bare beside idle Ray", bare_beside_ray),
+                                    ("backend in process", backend_in_process),
                                     ("backend in Ray actor", backend_in_actor)):
                     s, n = layer(args, jobs.get("async") or write_job(rd, args, "async"))
                     ratios.setdefault(name, []).append(n / s / base)
