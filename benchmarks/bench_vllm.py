@@ -17,7 +17,8 @@
     daemons cost an engine that shares their cores), then the async backend by itself,
     fed the run's batches all at once: in this process (no Ray, no driver), then in its
     Ray actor as the run deploys it (driver only collecting). Each layer's ratio shows
-    what that layer costs.
+    what that layer costs; "datagen / bare beside idle Ray" is the run's own cost, Ray's
+    daemons taken out (on a GPU they share no compute with the engine).
     Run to run, bare alone varies by ~5% on a small shared machine; ``--repeat N`` runs
     the whole set N times, alternating, and prints the median of each ratio.
 ``--watchdog N`` instead times only the backend in its Ray actor, N times each with the
@@ -273,11 +274,15 @@ def main() -> None:
                 ratios.setdefault(f"datagen batching={mode}", []).append(n / s / base)
                 print(f"(a) datagen batching={mode:<8}{at:<6s}{n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
                       f"ratio {n / s / base:.3f}  (engine start {startup:.0f} s, excluded)")
+                if args.layers:  # datagen's own cost: against bare vLLM with Ray beside it too
+                    beside = ratios["bare beside idle Ray"][-1]
+                    ratios.setdefault(f"datagen {mode} / beside Ray", []).append(n / s / base / beside)
+                    print(f"(a) datagen batching={mode} / bare beside idle Ray{at}: {n / s / base / beside:.3f}")
             if rep == 0:
                 outs, floats = rep_outs, rep_floats
         if args.repeat > 1:
             for name, rs in ratios.items():
-                print(f"(a) median of {len(rs)} ratios, {name:<26s} {statistics.median(rs):.3f}  "
+                print(f"(a) median of {len(rs)} ratios, {name:<29s} {statistics.median(rs):.3f}  "
                       f"({', '.join(f'{r:.3f}' for r in rs)})")
         size, ntok = kd_bytes(next(iter(outs.values())))
         per = {c: b / ntok for c, b in size.items()}
