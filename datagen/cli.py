@@ -23,6 +23,11 @@ EXIT_FAILED_ROWS = 3
 EXIT_INTERRUPTED = 130
 
 
+
+def _plural(noun: str, n: int) -> str:
+    return noun if n == 1 else noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+
+
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     from datagen import runner
     from datagen.report import LiveProgress, summary_table, where_line
@@ -62,10 +67,15 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         for line in prompt_lines:
             out.print(line, soft_wrap=True, highlight=False)
         out.print(where_line(store), soft_wrap=True, highlight=False)
+    died = stats.reasons.get(("failed", "teacher_died"), 0)
     if stats.lost:  # something died on the way: say so, even with --quiet
-        what = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(stats.lost.items()))
-        warn.print(f"redone after an actor or node died: {what} (it cost time, not rows)", style="yellow",
-                   soft_wrap=True)
+        what = ", ".join(f"{n} {_plural(kind, n)}" for kind, n in sorted(stats.lost.items()))
+        cost = "it cost time, not rows" if not died else "and the rows it cost, below"
+        warn.print(f"redone after an actor or node died: {what} ({cost})", style="yellow", soft_wrap=True)
+    if died:
+        warn.print(f"{died} {_plural('row', died)} failed alone: the teacher's replica died each time it ran "
+                   f"{'them' if died > 1 else 'it'}, a prompt that crashes or hangs the engine (the row's error "
+                   "says how)", style="yellow", soft_wrap=True)
     if stats.metrics is not None and stats.metrics.log.problem:
         warn.print(f"note: {stats.metrics.log.problem} (the run's rows are not affected)", soft_wrap=True)
     if stats.interrupted:
@@ -74,7 +84,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         return EXIT_INTERRUPTED
     unresolved = store.unresolved_failures()
     if unresolved:
-        warn.print(f"{unresolved} rows failed at the teacher (reasons above); "
+        warn.print(f"{unresolved} {_plural('row', unresolved)} failed at the teacher (reasons above); "
                   f"`datagen resume {root}` retries them", style="yellow", markup=False)
         return EXIT_FAILED_ROWS
     return 0

@@ -5,9 +5,11 @@ Ray restarts a dead actor (``max_restarts``) and re-runs the tasks it held
 What does reach the driver is work Ray gave up on: the actor's node vanished
 (``ActorUnavailableError`` until the cluster notices, some seconds later), the actor
 died more often than its retries allow, or a result was lost with the node that held
-it. The driver then queues the batch again under the same row ids, so a row is still
-counted once, at most ``BATCH_MAX_REQUEUES`` times per batch, and pings the replica
-that lost it. The replica gets no work until the ping answers (Ray restarted it, maybe
+it. The driver then runs the batch again under the same row ids, so a row is still
+counted once: a teacher's batch alone on one replica (``runner._Actors.lost``: a
+prompt that kills its engine must not take other work down with it again), a filter
+batch at most ``BATCH_MAX_REQUEUES`` times; and it pings the replica that lost it.
+The replica gets no work until the ping answers (Ray restarted it, maybe
 on another node); while the cluster has not noticed the loss a ping fails fast, and is
 sent again a second later; once Ray reports the actor dead for good, it gets no more
 work: the driver starts a new actor in its place if it had answered a batch
@@ -87,6 +89,12 @@ class Liveness:
             raise ReplicasLost(f"all {len(actors)} replica(s) died and Ray did not restart them")
         room = [a for a in actors if a not in self.down and a not in self.dead and load[a] < limit]
         return min(room, key=lambda a: load[a], default=None)
+
+    def up(self, actor: Any) -> bool:
+        """Whether ``actor`` answers (neither down nor dead), its ping checked first."""
+        if actor in self.down:
+            self._check()
+        return actor not in self.down and actor not in self.dead
 
     def wait(self, timeout: float) -> None:
         """Block until a down replica may be back (its ping resolves, or is due again), at

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,7 +80,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
     import ray
 
     from datagen.replicas import lost_work_errors
-    from datagen.runner import _Actors, _StopFlag, init_ray
+    from datagen.runner import _Actors, _StopFlag, died_alone, init_ray
 
     store = ShardStore.open(src)
     dest = dest or src / "rescored"
@@ -103,55 +104,70 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
                 raise _interrupted(out, res)
             info = actors.info[teacher.name]
             tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
-            inflight: dict[Any, tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] = {}
-            again: deque[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = deque()  # lost, to send again
+            # each in flight: (actor, [(row, request), ...])
+            inflight: dict[Any, tuple[Any, list[tuple[dict[str, Any], dict[str, Any]]]]] = {}
+            # Lost with a replica, to send again: as any batch, or alone (``_Actors.lost``), as a run does.
+            again: deque[list[tuple[dict[str, Any], dict[str, Any]]]] = deque()
+            suspects = actors.suspects[teacher.name]
             todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
             batches = _batches(todo, teacher.batch_size)
             exhausted = False
+
+            def send(actor: Any, work: list[tuple[dict[str, Any], dict[str, Any]]], **options: Any) -> None:
+                method = actor.rescore.options(**options) if options else actor.rescore
+                inflight[method.remote([req for _, req in work], k=k)] = (actor, work)
+                actors.load[actor] += 1
+
+            def replica(pick: Callable[[], Any]) -> Any:
+                try:
+                    return pick()
+                except DatagenError:
+                    raise DatagenError(f"re-scoring teacher {teacher.name!r}: every replica died and Ray did "
+                                       f"not restart it; {_kept(out, res)}") from None
+
             while True:
+                if not stop.set and (suspect := replica(lambda: actors.suspect(teacher.name))) is not None:
+                    send(*suspect, max_task_retries=0)
                 while (again or not exhausted) and not stop.set:
-                    try:
-                        actor = actors.free(teacher.name, inflight_per_actor)
-                    except DatagenError:
-                        raise DatagenError(f"re-scoring teacher {teacher.name!r}: every replica died and Ray did "
-                                           f"not restart it; {_kept(out, res)}") from None
-                    if actor is None:
+                    if (actor := replica(lambda: actors.free(teacher.name, inflight_per_actor))) is None:
                         break
                     if again:
-                        rows, reqs = again.popleft()
-                    else:
-                        rows = next(batches, None)
-                        if rows is None:
-                            exhausted = True
-                            break
-                        reqs = [_request(r, info["tokenizer_fingerprint"], res) for r in rows]
-                    inflight[actor.rescore.remote(reqs, k=k)] = (actor, rows, reqs)
-                    actors.load[actor] += 1
+                        send(actor, again.popleft())
+                        continue
+                    rows = next(batches, None)
+                    if rows is None:
+                        exhausted = True
+                        break
+                    send(actor, [(r, _request(r, info["tokenizer_fingerprint"], res)) for r in rows])
                 if not inflight:
-                    if again and not stop.set:  # every replica that could take them is down
+                    # work left, and every replica that could take it is down
+                    if (suspects or again or not exhausted) and not stop.set:
                         actors.liveness.wait(1.0)
                         continue
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 if not ready:
                     continue
-                actor, rows, reqs = inflight.pop(ready[0])
+                actor, work = inflight.pop(ready[0])
                 actors.load[actor] -= 1
                 try:
                     gens = ray.get(ready[0])
                 except lost_work_errors() as exc:
-                    # Its actor or node died and Ray's own retries ran out: score the same
-                    # rows again elsewhere (or once Ray has restarted it), as a run does.
+                    # Its actor or node died and Ray's own retries ran out: the rows are
+                    # scored again, maybe alone, as in a run; one that killed its replica alone fails.
                     res.redone += 1
-                    actors.batch_lost(actor, rows[0]["row_id"], exc, who=f"re-scoring teacher {teacher.name!r}",
-                                      then=_kept(out, res))
-                    again.append((rows, reqs))
-                    continue
+                    lost_again, culprit = actors.lost(actor, teacher.name, work, work[0][0]["row_id"], exc)
+                    if lost_again:
+                        again.append(lost_again)
+                    if culprit is None:
+                        continue
+                    work, gens = [culprit], [died_alone(culprit[0]["row_id"], exc)]
                 except ray.exceptions.RayError as exc:
                     raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {remote_cause(exc)}; "
                                        f"{_kept(out, res)}") from None
-                actors.answered(actor)
-                for row, g in zip(rows, gens):
+                else:
+                    actors.returned(actor, teacher.name)
+                for (row, _), g in zip(work, gens):
                     _apply(row, g, info, tag)
                     row["license"] = {**row["license"], "logprobs": lid}
                     if g["error"]:

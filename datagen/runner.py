@@ -34,12 +34,12 @@ from datagen.errors import DatagenError, MissingExtra, OutputError, remote_cause
 from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
-from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors, slots
+from datagen.replicas import Liveness, ReplicasLost, lost_work_errors, slots
 from datagen.shards import JOB_FILE, ShardStore
 
 ACTOR_MAX_RESTARTS = 3
-# Ray re-runs a dead actor's tasks this often; after that the driver sends the batch again
-# (_Actors.batch_lost: runner._drive, rescore), at most replicas.BATCH_MAX_REQUEUES times.
+# Ray re-runs a dead actor's tasks this often; after that the batch is a suspect, run
+# again alone (_Actors.lost: runner._drive, rescore).
 ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS
 # Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
 # teachers are the run's throughput stage, so their actors (and the processes they start)
@@ -275,7 +275,11 @@ class _Actors:
         self.groups: list[Any] = []  # placement groups this run made, removed by close()
         self.liveness = Liveness()
         self.backends = {t.name: t.backend for t in job.teachers}
-        self._lost: Counter[str] = Counter()  # first row id of a batch -> times its work was lost
+        # Work lost with a replica after Ray's retries, to run again alone (``lost``, ``suspect``).
+        self.suspects: dict[str, deque[list[Any]]] = {t.name: deque() for t in job.teachers}
+        self._held: dict[str, Any] = {}  # teacher -> the replica drained to run its suspects
+        self._alone: set[Any] = set()  # replicas running a suspect, and nothing else
+        self._lost: Counter[str] = Counter()  # first row id of a batch -> times lost
         self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
         self._answered: set[Any] = set()  # actors that returned a batch (``answered``)
         self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
@@ -292,11 +296,6 @@ class _Actors:
         self._made[actor] = (t, index, opts)
         self.load[actor] = 0
         return actor
-
-    def answered(self, actor: Any) -> None:
-        """``actor`` returned a batch: it works, so it is worth starting anew should Ray
-        give up on it (``_renew``)."""
-        self._answered.add(actor)
 
     @property
     def replicas(self) -> int:
@@ -381,9 +380,12 @@ class _Actors:
         return True
 
     def free(self, teacher: str, limit: int) -> Any | None:
-        """An answering replica with a free slot, or None."""
+        """An answering replica with a free slot, or None. A replica held for suspects
+        (``suspect``) gets no new work."""
+        held = self._held.get(teacher)
+        load = self.load if held is None else {**self.load, held: limit}
         try:
-            actor = self.liveness.pick(self.by_teacher[teacher], self.load, limit)
+            actor = self.liveness.pick(self.by_teacher[teacher], load, limit)
             if self.liveness.dead or self._fresh:
                 self._renew(teacher)
             return actor
@@ -400,17 +402,81 @@ class _Actors:
                                "answered is started anew); committed rows are intact, "
                                f"`datagen resume` continues{hint}") from None
 
-    def batch_lost(self, actor: Any, batch_key: str, exc: BaseException, *, who: str, then: str) -> None:
-        """A batch on ``actor`` was lost after Ray's own retries (``replicas.lost_work_errors``):
-        no work for the actor until it answers again, and the caller sends the batch again,
-        unless this batch (``batch_key``: its first row id) was lost more than
-        ``BATCH_MAX_REQUEUES`` times; then stop, saying ``then``."""
+    def lost(self, actor: Any, teacher: str, work: list[Any], key: str,
+             exc: BaseException) -> tuple[list[Any] | None, Any]:
+        """``work`` (a batch, as a list of rows; ``key``: its first row id) was lost with
+        ``actor`` after Ray's own retries (``replicas.lost_work_errors``): the actor gets
+        no work until it answers again. Returns ``(again, culprit)``: work for the caller to send again as any
+        batch, and a row for it to fail; either may be None.
+
+        A row may kill every engine it runs in (a prompt that crashes or hangs the
+        engine), and every batch in flight there with it. Work whose actor died on
+        every one of Ray's tries (``ActorDiedError``, not a preempted node), or that was
+        lost before, is a suspect: it runs again alone on one replica, without Ray's
+        retries (``suspect``). A batch that dies alone comes back as single rows, each a
+        suspect; a row that dies alone is the culprit. Work lost with a node or an
+        object store the first time is simply sent again."""
+        import ray
+
         if actor in self._made:  # not a retired replica (``_renew``), whose batches come back lost too
             self.liveness.lost(actor, actor.info)
-        self._lost[batch_key] += 1
-        if self._lost[batch_key] > BATCH_MAX_REQUEUES:
-            raise DatagenError(f"{who} died {self._lost[batch_key]} times on one batch ({remote_cause(exc)}); "
-                               f"{then}") from None
+        queue = self.suspects[teacher]
+        if actor in self._alone:
+            self._alone.discard(actor)
+            if len(work) == 1:
+                self._release(teacher)
+                return None, work[0]
+            queue.extendleft([row] for row in reversed(work))  # next, one by one
+            return None, None
+        died = isinstance(exc, ray.exceptions.ActorDiedError) and not exc.preempted
+        self._lost[key] += 1
+        if died or self._lost[key] > 1:
+            queue.append(work)
+            return None, None
+        return work, None
+
+    def suspect(self, teacher: str) -> tuple[Any, list[Any]] | None:
+        """The next suspect of ``teacher`` and a replica to run it on alone, or None (none
+        waiting, one running, or no replica up with nothing in flight). It holds a
+        replica, one that answers if any does: ``free`` sends it nothing new, so it
+        drains, until the suspects are done."""
+        queue = self.suspects[teacher]
+        actors = self.by_teacher[teacher]
+        if not queue or any(a in self._alone for a in actors):
+            return None
+        if self.liveness.down or self.liveness.dead:
+            self.free(teacher, 0)  # who is back; dead replicas started anew, or raises: none left
+        live = [a for a in actors if a not in self.liveness.dead]
+        if not live:
+            return None  # ``free`` starts one anew, or says every replica is gone
+        held = self._held.get(teacher)
+        if held not in live or not self.liveness.up(held):  # none yet, or it died or is restarting
+            held = self._held[teacher] = min(live, key=lambda a: (not self.liveness.up(a), self.load[a]))
+        if self.load[held] or not self.liveness.up(held):
+            return None
+        self._alone.add(held)
+        return held, queue.popleft()
+
+    def returned(self, actor: Any, teacher: str) -> None:
+        """``actor`` returned a batch: it works, so it is worth starting anew should Ray
+        give up on it (``_renew``); a suspect it ran alone is cleared."""
+        self._answered.add(actor)
+        if actor in self._alone:
+            self._alone.discard(actor)
+            self._release(teacher)
+
+    def _release(self, teacher: str) -> None:
+        """The held replica takes work again once no suspect of ``teacher`` is left."""
+        if not self.suspects[teacher] and not any(a in self._alone for a in self.by_teacher[teacher]):
+            self._held.pop(teacher, None)
+
+
+def died_alone(row_id: str, exc: BaseException) -> dict[str, Any]:
+    """The failed generation of a row whose replica died running it alone (``_Actors.lost``)."""
+    from datagen.teachers.base import Generation
+
+    return Generation(row_id, error=f"teacher_died: its replica died running this row alone, after dying with "
+                                    f"it in a batch ({remote_cause(exc)})").to_dict()
 
 
 def placement_for(t: Any) -> Any:
@@ -679,7 +745,16 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
             route("accepted" if keep else "rejected", row, reason,
                   (usage["prompt_tokens"] or 0) + (usage["completion_tokens"] or 0))
 
+    def send(actor: Any, name: str, batch: list[Request], **options: Any) -> None:
+        method = actor.generate.options(**options) if options else actor.generate
+        ref = method.remote([{"row_id": r.row_id, "messages": r.messages, "seed": r.seed} for r in batch])
+        actors.load[actor] += 1
+        inflight[ref] = (actor, name, batch)
+
     while not stop.set:
+        for name in teachers:  # work lost with a replica runs again alone, Ray retrying none
+            if (suspect := actors.suspect(name)) is not None:
+                send(suspect[0], name, suspect[1], max_task_retries=0)
         while True:
             # The first ready batch whose teacher has a free actor (one busy teacher
             # must not hold up another's batches).
@@ -689,10 +764,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 i, actor = pick
                 name, batch = ready_batches[i]
                 del ready_batches[i]
-                ref = actor.generate.remote([{"row_id": r.row_id, "messages": r.messages, "seed": r.seed}
-                                             for r in batch])
-                actors.load[actor] += 1
-                inflight[ref] = (actor, name, batch)
+                send(actor, name, batch)
                 continue
             if exhausted or len(ready_batches) >= actors.replicas:
                 break  # backpressure: pull no more prompts until a slot frees
@@ -722,9 +794,9 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 ready_batches.append((req.teacher, buffers[req.teacher]))
                 buffers[req.teacher] = []
         if not inflight and not filters.busy():
-            if ready_batches:
+            if ready_batches or any(actors.suspects.values()):
                 actors.liveness.wait(1.0)  # only when replicas are down: until one may be back
-                continue  # partial batches the quota just flushed: send them
+                continue  # partial batches the quota just flushed, or suspects: send them
             if groups is not None and groups.held:
                 to_filters(groups.flush())  # groups a budget cut short vote with what they have
                 continue
@@ -748,19 +820,23 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
                 gens = ray.get(ref)
             except lost_work_errors() as exc:
                 # Its actor or node died and Ray's own retries ran out (datagen/replicas.py):
-                # run it again, same row ids, so no duplicates; the quota still counts its
-                # rows as in flight.
+                # it runs again, maybe alone (``_Actors.lost``), same row ids, so no
+                # duplicates; the quota still counts its rows as in flight. A row that
+                # killed its replica alone fails.
                 stats.lost["teacher batch"] += 1
-                actors.batch_lost(actor, batch[0].row_id, exc, who=f"teacher {name!r}",
-                                  then=f"committed rows are intact, `datagen resume {store.root}` continues")
-                ready_batches.appendleft((name, batch))
-                continue
+                again, culprit = actors.lost(actor, name, batch, batch[0].row_id, exc)
+                if again:
+                    ready_batches.appendleft((name, again))
+                if culprit is None:
+                    continue
+                batch, gens = [culprit], [died_alone(culprit.row_id, exc)]
             except ray.exceptions.RayError as exc:
                 raise DatagenError(
                     f"teacher {name!r} raised {remote_cause(exc)}; committed rows are intact, "
                     f"`datagen resume {store.root}` continues"
                 ) from None
-            actors.answered(actor)
+            else:
+                actors.returned(actor, name)
             meter.generated_rows(name, len(gens))
             good: list[dict[str, Any]] = []
             for req, gen in zip(batch, gens):

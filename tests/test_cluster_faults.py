@@ -181,6 +181,106 @@ def test_a_replica_ray_gave_up_on_is_started_anew(tmp_path, server, reference):
     assert re.search(r"redone after an actor or node died: .*(?<!\d)1 new teacher replica\b", err), err
 
 
+def test_a_prompt_that_kills_its_engine_fails_alone_and_the_run_goes_on(tmp_path):
+    """A poison prompt: the process that sends it dies (``kill_client``), as an engine that
+    crashes on one prompt takes its actor down, every time, with every batch in flight
+    there. Ray retries the batch until it gives up on the actor; the driver then runs
+    each lost batch alone on a replica, the batch that dies alone row by row, and fails
+    only the row that dies alone, with a reason. Every other row ends as in a run
+    without the poison, once."""
+    from datagen.config import load_job
+
+    from .conftest import extract_answer
+
+    def rows(out: Path) -> dict[str, list]:
+        store = ShardStore.open(out)
+        return {s: sorted(store.read(s, columns=["row_id", "error"]).to_pylist(), key=lambda r: r["row_id"])
+                for s in STREAMS}
+
+    with FakeOpenAIServer(answer=extract_answer) as server:
+        # One replica, two batches of 4 in flight on it (2 slots): batches 1-2 answer first,
+        # so the replica is worth starting anew once Ray gives up on it.
+        job = write_job(tmp_path, base_url=server.base_url, count=24, batch_size=4,
+                        extra_teacher={"max_concurrency": 4, "timeout_s": 10},
+                        runtime={"num_cpus": 2, "inflight_per_actor": 1})
+        reqs = list(runner.prepare(load_job(job))[0])
+        texts = [r.messages[-1]["content"] for r in reqs]
+        # the poison: a prompt in the fifth batch, found by text no other prompt contains
+        poison, mark = next((r, w) for r in reqs[16:20] for w in r.messages[-1]["content"].split()
+                            if sum(w in t for t in texts) == 1)
+        ref = datagen("run", str(job))
+        assert ref.returncode == 0, ref.stderr
+        expected = rows(tmp_path / "out")
+        assert expected["failed"] == [] and poison.row_id in {r["row_id"] for r in expected["accepted"]}
+        (tmp_path / "out").rename(tmp_path / "ref")
+
+        server.inject("kill_client", times=None, match=mark)
+        res = datagen("run", str(job))
+        served = server.served["kill_client"]
+        assert not server.served["kill_client: no sender found"]
+        got = rows(tmp_path / "out")
+        server.clear()  # say, the engine fixed: resume tries the failed row again
+        fixed = datagen("resume", str(tmp_path / "out"))
+    assert res.returncode == 3, res.stderr  # finished, with a failed row
+    assert "1 row failed alone: the teacher's replica died each time it ran it" in res.stderr, res.stderr
+    (failed,) = got["failed"]
+    assert failed["row_id"] == poison.row_id
+    assert failed["error"].startswith("teacher_died: its replica died running this row alone")
+    every = [r["row_id"] for s in STREAMS for r in got[s]]
+    assert len(every) == len(set(every)) == len(reqs)
+    for s in ("accepted", "rejected"):
+        assert {r["row_id"] for r in got[s]} == {r["row_id"] for r in expected[s]} - {poison.row_id}
+    # Ray's own tries on the batch (1 + its retries), then the batch alone, then the row alone.
+    assert served == 1 + runner.ACTOR_MAX_TASK_RETRIES + 2, served
+    assert re.search(r"redone after an actor or node died: .*\d+ teacher batch", res.stderr), res.stderr
+    assert re.search(r"(?<!\d)1 new teacher replica\b", res.stderr), res.stderr
+    assert fixed.returncode == 0, fixed.stderr
+    assert rows(tmp_path / "out") == {**expected, "failed": got["failed"]}  # row for row, as without the poison
+
+
+def test_suspects_run_alone_on_a_held_replica_which_takes_work_again_after_them(local_ray, server):
+    """``_Actors``' bookkeeping for lost work, on a real actor: work lost with a node is
+    sent again as any batch the first time, and is a suspect the second; work whose
+    actor died is a suspect at once. Suspects run one at a time on a held replica that
+    gets no other work; a batch lost alone comes back row by row, a row lost alone is
+    the culprit, and then the replica takes work again (also when the culprit was the
+    last suspect)."""
+    from types import SimpleNamespace
+
+    from datagen.config import OpenAITeacher
+
+    cfg = OpenAITeacher.model_validate({"name": "fake", "backend": "openai", "model": "fake",
+                                        "base_url": server.base_url, "timeout_s": 10})
+    actors = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    assert actors.wait_started(60, lambda: False)
+    (actor,) = actors.by_teacher["fake"]
+    died = local_ray.exceptions.ActorDiedError()
+    node = local_ray.exceptions.ActorUnavailableError("its node is gone", None)
+
+    def until(get):
+        deadline = time.monotonic() + 60
+        while (got := get()) is None:  # the lost replica answers its ping first
+            assert time.monotonic() < deadline
+            actors.liveness.wait(0.2)
+        return got
+
+    assert actors.lost(actor, "fake", ["c"], "c", node) == (["c"], None)  # the first time: again, as any batch
+    assert actors.lost(actor, "fake", ["c"], "c", node) == (None, None)  # the second: a suspect
+    assert actors.lost(actor, "fake", ["a", "b"], "a", died) == (None, None)  # died on each of Ray's tries
+    assert until(lambda: actors.suspect("fake")) == (actor, ["c"])
+    assert actors.free("fake", 2) is None and actors.suspect("fake") is None  # held; one suspect at a time
+    actors.returned(actor, "fake")  # "c" was innocent
+    assert until(lambda: actors.suspect("fake")) == (actor, ["a", "b"])
+    assert actors.lost(actor, "fake", ["a", "b"], "a", died) == (None, None)  # died alone: row by row
+    assert until(lambda: actors.suspect("fake")) == (actor, ["a"])
+    actors.returned(actor, "fake")
+    assert actors.free("fake", 2) is None  # "b" is still to run alone
+    assert until(lambda: actors.suspect("fake")) == (actor, ["b"])
+    assert actors.lost(actor, "fake", ["b"], "b", died) == (None, "b")  # the culprit
+    assert not actors.suspects["fake"]
+    assert until(lambda: actors.free("fake", 2)) is actor  # no longer held
+
+
 def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, monkeypatch):
     """The crash-loop guard, on real actors: dead before answering a batch -> the teacher
     has no replica left and the driver says so; dead after answering one -> a new actor
@@ -198,7 +298,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     def lose(actors, actor):  # as runner._drive does with a batch whose actor died
         with pytest.raises(local_ray.exceptions.RayActorError) as exc:
             local_ray.get(actor.generate.remote(batch))
-        actors.batch_lost(actor, "r0", exc.value, who="teacher 'fake'", then="stop")
+        assert actors.lost(actor, "fake", batch, "r0", exc.value) == (None, None)  # a suspect, not a culprit
 
     def free(actors):
         deadline = time.monotonic() + 60
@@ -220,7 +320,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     assert worked.wait_started(60, lambda: False)
     (actor,) = worked.by_teacher["fake"]
     assert local_ray.get(actor.generate.remote(batch))[0]["error"] is None
-    worked.answered(actor)
+    worked.returned(actor, "fake")
     local_ray.kill(actor, no_restart=True)
     lose(worked, actor)
     new = free(worked)
@@ -231,7 +331,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     assert late.wait_started(60, lambda: False)
     (actor,) = late.by_teacher["fake"]
     local_ray.get(actor.generate.remote(batch))
-    late.answered(actor)
+    late.returned(actor, "fake")
     local_ray.kill(actor, no_restart=True)
     lose(late, actor)
     deadline = time.monotonic() + 60

@@ -25,6 +25,8 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``truncated``   200 whose body stops short of its Content-Length
 ``garbage``     200 with valid JSON that is not a completion (no ``choices``)
 ``undecodable`` 200 with a body that is not even UTF-8 (a proxy's Latin-1 page)
+``kill_client`` SIGKILL the process on this machine that sent the request, as a prompt that
+                crashes an engine kills the actor it runs in (a poison prompt)
 
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
 check pacing; ``last_headers`` holds the headers of the latest one (lower-case names).
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "malformed", "truncated", "garbage",
-               "undecodable")
+               "undecodable", "kill_client")
 VOCAB = 49152
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             429: "Too Many Requests",
@@ -191,6 +193,21 @@ class _Connection(asyncio.Protocol):
             self.server._concurrent -= h.counted
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+def _kill_sender(peer: tuple[str, int]) -> bool:
+    """SIGKILL the local process whose socket is ``peer`` (the other end of a connection);
+    False if there is none."""
+    import os
+    import signal
+
+    import psutil
+
+    for c in psutil.net_connections(kind="tcp"):
+        if c.pid and c.laddr and (c.laddr.ip, c.laddr.port) == tuple(peer[:2]) and c.pid != os.getpid():
+            os.kill(c.pid, signal.SIGKILL)
+            return True
+    return False
 
 
 def _json_encoder() -> Callable[[Any], bytes]:
@@ -371,6 +388,11 @@ class FakeOpenAIServer:
             return
         elif kind == "undecodable":  # a proxy's page in Latin-1: not even UTF-8
             h.raw(200, b"<html>\xa9 proxy error</html>")
+            return
+        elif kind == "kill_client":
+            if not _kill_sender(h.conn.transport.get_extra_info("peername")):
+                self.served["kill_client: no sender found"] += 1
+            h.drop()
             return
         elif kind == "garbage":
             h._json(200, {"id": "x", "object": "chat.completion", "choices": [], "created": 0, "model": "fake"})
