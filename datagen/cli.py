@@ -73,9 +73,10 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         cost = "it cost time, not rows" if not died else "and the rows it cost, below"
         warn.print(f"redone after an actor or node died: {what} ({cost})", style="yellow", soft_wrap=True)
     if died:
-        warn.print(f"{died} {_plural('row', died)} failed alone: the teacher's replica died each time it ran "
-                   f"{'them' if died > 1 else 'it'}, a prompt that crashes or hangs the engine (the row's error "
-                   "says how)", style="yellow", soft_wrap=True)
+        warn.print(f"{died} {_plural('row', died)} failed alone: the teacher's replica died running "
+                   f"{'each' if died > 1 else 'it'} alone, after dying with {'them' if died > 1 else 'it'} in a "
+                   "batch (a prompt that crashes or hangs the engine; the row's error says how)",
+                   style="yellow", soft_wrap=True)
     if stats.metrics is not None and stats.metrics.log.problem:
         warn.print(f"note: {stats.metrics.log.problem} (the run's rows are not affected)", soft_wrap=True)
     if stats.interrupted:

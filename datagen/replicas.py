@@ -6,9 +6,10 @@ What does reach the driver is work Ray gave up on: the actor's node vanished
 (``ActorUnavailableError`` until the cluster notices, some seconds later), the actor
 died more often than its retries allow, or a result was lost with the node that held
 it. The driver then runs the batch again under the same row ids, so a row is still
-counted once: a teacher's batch alone on one replica (``runner._Actors.lost``: a
-prompt that kills its engine must not take other work down with it again), a filter
-batch at most ``BATCH_MAX_REQUEUES`` times; and it pings the replica that lost it.
+counted once: a teacher's batch as any batch, or alone on one replica if its actor
+died on each of Ray's tries (``runner._Actors.lost``: a prompt that kills its engine
+must not take other work down with it again); a filter batch at most
+``BATCH_MAX_REQUEUES`` times. And it pings the replica that lost it.
 The replica gets no work until the ping answers (Ray restarted it, maybe
 on another node); while the cluster has not noticed the loss a ping fails fast, and is
 sent again a second later; once Ray reports the actor dead for good, it gets no more

@@ -38,8 +38,8 @@ from datagen.replicas import Liveness, ReplicasLost, lost_work_errors, slots
 from datagen.shards import JOB_FILE, ShardStore
 
 ACTOR_MAX_RESTARTS = 3
-# Ray re-runs a dead actor's tasks this often; after that the batch is a suspect, run
-# again alone (_Actors.lost: runner._drive, rescore).
+# Ray re-runs a dead actor's tasks this often; after that the driver sends the batch
+# again, as any batch or alone on a replica (_Actors.lost: runner._drive, rescore).
 ACTOR_MAX_TASK_RETRIES = ACTOR_MAX_RESTARTS
 # Ray lowers each worker process to nice 15 so user code cannot starve its raylet. The
 # teachers are the run's throughput stage, so their actors (and the processes they start)
@@ -280,6 +280,7 @@ class _Actors:
         self._held: dict[str, Any] = {}  # teacher -> the replica drained to run its suspects
         self._alone: set[Any] = set()  # replicas running a suspect, and nothing else
         self._lost: Counter[str] = Counter()  # first row id of a batch -> times lost
+        self._second_chance: set[str] = set()  # teachers whose never-answering replica was started anew
         self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
         self._answered: set[Any] = set()  # actors that returned a batch (``answered``)
         self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
@@ -307,8 +308,9 @@ class _Actors:
         (``max_restarts`` is per actor, for its whole life: a replica that hung or lost
         its node four times in a day-long run would otherwise be gone for the rest of it)
         but that answered at least one batch. A replica that died answering none (an
-        engine that cannot start, a crash on every batch) stays dead: a crash loop ends
-        the run instead of spinning. The new actor gets work once it is warm (a ping,
+        engine that cannot start, a crash on every batch) stays dead, but for one
+        successor per teacher when the work it lost is a suspect: a crash loop ends the
+        run instead of spinning. The new actor gets work once it is warm (a ping,
         as after a restart), and must answer within the start-up time-out. True if any was
         started."""
         import ray
@@ -322,10 +324,17 @@ class _Actors:
                       "(runtime.startup_timeout_s)", file=sys.stderr, flush=True)
                 ray.kill(actor, no_restart=True)
                 del self._fresh[actor]
+                self._second_chance.add(name)  # one that cannot start gets no successor
         actors = self.by_teacher[teacher]
         renewed = False
         for i, old in enumerate(actors):
-            if old in self.liveness.dead and old in self._answered:
+            # One that never answered gets one successor if the work it lost is now a
+            # suspect: a poison prompt in a replica's first batches (or the only row a
+            # resume has left) must fail alone, not end the run.
+            second_chance = self.suspects[teacher] and teacher not in self._second_chance
+            if old in self.liveness.dead and (old in self._answered or second_chance):
+                if old not in self._answered:
+                    self._second_chance.add(teacher)
                 # Dead to the driver may be alive to Ray (its ping raised): free what it holds.
                 ray.kill(old, no_restart=True)
                 t, index, opts = self._made.pop(old)
@@ -406,31 +415,38 @@ class _Actors:
              exc: BaseException) -> tuple[list[Any] | None, Any]:
         """``work`` (a batch, as a list of rows; ``key``: its first row id) was lost with
         ``actor`` after Ray's own retries (``replicas.lost_work_errors``): the actor gets
-        no work until it answers again. Returns ``(again, culprit)``: work for the caller to send again as any
-        batch, and a row for it to fail; either may be None.
+        no work until it answers again. Returns ``(again, culprit)``: work for the caller
+        to send again as any batch, and a row for it to fail; either may be None.
 
         A row may kill every engine it runs in (a prompt that crashes or hangs the
         engine), and every batch in flight there with it. Work whose actor died on
-        every one of Ray's tries (``ActorDiedError``, not a preempted node), or that was
+        every one of Ray's tries (``ActorDiedError``, its node not drained), or that was
         lost before, is a suspect: it runs again alone on one replica, without Ray's
         retries (``suspect``). A batch that dies alone comes back as single rows, each a
-        suspect; a row that dies alone is the culprit. Work lost with a node or an
-        object store the first time is simply sent again."""
+        suspect; a row that dies alone is the culprit, unless its node went (then it
+        runs alone once more). Work lost with a node or an object store the first time
+        is simply sent again."""
         import ray
 
         if actor in self._made:  # not a retired replica (``_renew``), whose batches come back lost too
             self.liveness.lost(actor, actor.info)
         queue = self.suspects[teacher]
+        e = ray.exceptions
+        node_went = (isinstance(exc, (e.NodeDiedError, e.ObjectLostError))
+                     or (isinstance(exc, e.RayActorError) and exc.preempted))
+        self._lost[key] += 1
         if actor in self._alone:
             self._alone.discard(actor)
-            if len(work) == 1:
+            self._lost[f"alone {key}"] += 1
+            if node_went and self._lost[f"alone {key}"] == 1:
+                queue.appendleft(work)  # not its fault, as far as Ray can tell: once more
+            elif len(work) > 1:
+                queue.extendleft([row] for row in reversed(work))  # next, one by one
+            else:
                 self._release(teacher)
                 return None, work[0]
-            queue.extendleft([row] for row in reversed(work))  # next, one by one
             return None, None
-        died = isinstance(exc, ray.exceptions.ActorDiedError) and not exc.preempted
-        self._lost[key] += 1
-        if died or self._lost[key] > 1:
+        if (isinstance(exc, e.ActorDiedError) and not node_went) or self._lost[key] > 1:
             queue.append(work)
             return None, None
         return work, None
