@@ -280,9 +280,9 @@ class _Actors:
         self._held: dict[str, Any] = {}  # teacher -> the replica drained to run its suspects
         self._alone: set[Any] = set()  # replicas running a suspect, and nothing else
         self._lost: Counter[str] = Counter()  # first row id of a batch -> times lost
-        self._second_chance: set[str] = set()  # teachers whose never-answering replica was started anew
+        self._second_chance: set[str] = set()  # teachers whose one successor for a never-answering replica is spent
         self._made: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # actor -> (teacher, replica index, options)
-        self._answered: set[Any] = set()  # actors that returned a batch (``answered``)
+        self._answered: set[Any] = set()  # actors that returned a batch (``returned``)
         self.renewed: Counter[str] = Counter()  # teacher -> replicas started anew (``_renew``)
         self._startup_s = startup_timeout_s
         self._fresh: dict[Any, tuple[str, float]] = {}  # started anew, not answering yet -> (teacher, deadline)
