@@ -30,6 +30,6 @@ clean-quickstart:
 test: install
 	$(BIN)/python -m pytest
 
-# Everything but the tests that start a vLLM engine.
+# Everything but the slow tests (a real vLLM engine or a full Ray run).
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
