@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vllm.py                  # embedded SmolLM2-135M on CPU
     .venv/bin/python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-1.5B-Instruct --gpus 1
-    .venv/bin/python benchmarks/bench_vllm.py --eager --modes async --layers --repeat 3  # where the gap is
+    .venv/bin/python benchmarks/bench_vllm.py --eager --modes async --layers --cpu-split --repeat 3  # where the gap is
 
 (a) throughput: completion tokens/s of
       bare     ``vllm.LLM.generate`` on every prompt at once (vLLM's own best case: one
@@ -21,6 +21,11 @@
     daemons taken out (on a GPU they share no compute with the engine).
     Run to run, bare alone varies by ~5% on a small shared machine; ``--repeat N`` runs
     the whole set N times, alternating, and prints the median of each ratio.
+``--cpu-split`` adds, for bare and each layer, the CPU each process used over the timed
+    window (in % of one core): the engine's worker, its scheduler, the teacher actor, Ray's
+    daemons, the rest; and the tokens the worker made per CPU-second it used. On a machine
+    whose cores the engine's threads fill, a worker that gets nearly the same CPU but makes
+    fewer tokens per CPU-second is waiting on a thread that another process preempted.
 ``--watchdog N`` instead times only the backend in its Ray actor, N times each with the
     hung-engine watchdog off (``engine.stall_timeout_s: null``) and on (its default),
     alternating, and prints both medians: what the watchdog's per-step beat costs.
@@ -50,6 +55,68 @@ LENGTHS = ["in one word", "in one short sentence", "in three sentences", "in a d
            "as a numbered list of ten items"]
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "owls", "glass", "tea", "maps",
           "clocks", "salt", "bridges", "honey", "comets", "paper", "wolves", "tides", "copper", "lanterns"]
+
+
+class CpuSplit:
+    """CPU time of every process on the machine over a timed window (``--cpu-split``)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.last: dict[str, float] = {}
+
+    @staticmethod
+    def _label(p, me: int) -> str:
+        title = " ".join(p.info["cmdline"] or []) or p.info["name"] or ""
+        if p.pid == me:
+            return "benchmark process"
+        if title.startswith("VLLM::"):
+            return title.split()[0]
+        if title.startswith("ray::TeacherActor"):
+            return "teacher actor"
+        if title.startswith("ray::"):
+            return "Ray " + title.split()[0][5:]
+        program = title.split(" --")[0]
+        for daemon in ("raylet", "gcs_server", "log_monitor", "monitor.py", "dashboard.py"):
+            if f"/{daemon}" in program:
+                return "Ray " + daemon.removesuffix(".py")
+        return "other"
+
+    def _times(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        me, out = os.getpid(), {}
+        for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            t = p.info["cpu_times"]
+            if t is not None:
+                out[p.pid] = (self._label(p, me), t.user + t.system)
+        return out
+
+    def __enter__(self) -> "CpuSplit":
+        if self.on:
+            self._t, self._before = time.perf_counter(), self._times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            secs, after = time.perf_counter() - self._t, self._times()
+            split: dict[str, float] = {}
+            for pid, (label, cpu) in after.items():
+                was = self._before.get(pid)
+                used = cpu - (was[1] if was and was[0] == label else 0.0)
+                split[label] = split.get(label, 0.0) + 100 * used / secs
+            self.last = split
+
+    def report(self, name: str, tokens: int, secs: float) -> None:
+        s = dict(sorted(self.last.items(), key=lambda kv: -kv[1]))
+        ray = sum(v for k, v in s.items() if k.startswith("Ray "))
+        worker = s.get("VLLM::Worker", 0.0)
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in s.items() if v >= 0.1)
+        per = f"{tokens / (worker / 100 * secs):.1f}" if worker else "n/a"
+        print(f"    cpu, % of a core, {name}: {shown} (Ray's processes {ray:.1f}); "
+              f"worker tokens per CPU-second {per}")
+
+
+SPLIT = CpuSplit()
 
 
 def seeds(n: int) -> list[dict]:
@@ -99,9 +166,10 @@ def bare(args, job_path: Path) -> tuple[float, int, list]:
         asyncio.run(teacher.warmup())  # as the datagen actor does before it reports ready
         prompts = [{"prompt_token_ids": teacher.prompt_ids(r.messages)} for r in reqs]
         params = [teacher._params(r.seed) for r in reqs]
-        t = time.perf_counter()
-        outs = teacher.llm.generate(prompts, params, use_tqdm=False)
-        secs = time.perf_counter() - t
+        with SPLIT:
+            t = time.perf_counter()
+            outs = teacher.llm.generate(prompts, params, use_tqdm=False)
+            secs = time.perf_counter() - t
     finally:
         teacher.close()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -151,9 +219,10 @@ def backend_in_process(args, job_path: Path) -> tuple[float, int]:
         async def every_batch() -> list:
             return await asyncio.gather(*(teacher.generate(b) for b in batches))
 
-        t = time.perf_counter()
-        outs = loop.run_until_complete(every_batch())
-        secs = time.perf_counter() - t
+        with SPLIT:
+            t = time.perf_counter()
+            outs = loop.run_until_complete(every_batch())
+            secs = time.perf_counter() - t
     finally:
         async def close() -> None:  # on the loop, so the engine's cancelled output handler ends there
             teacher.close()
@@ -180,9 +249,10 @@ def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
         actors = _Actors(SimpleNamespace(teachers=[cfg]))
         actors.wait_started(600, lambda: False)  # engine start and warm-up, excluded
         actor = actors.by_teacher[cfg.name][0]
-        t = time.perf_counter()
-        outs = ray.get([actor.generate.remote(b) for b in batches])
-        secs = time.perf_counter() - t
+        with SPLIT:
+            t = time.perf_counter()
+            outs = ray.get([actor.generate.remote(b) for b in batches])
+            secs = time.perf_counter() - t
     finally:
         if started:
             ray.shutdown()
@@ -241,9 +311,12 @@ def main() -> None:
                    help="run bare and datagen this many times, alternating, and print each ratio's median")
     p.add_argument("--layers", action="store_true",
                    help="also time the async backend alone, in this process and in its Ray actor (where a gap is)")
+    p.add_argument("--cpu-split", action="store_true",
+                   help="print each process's CPU over bare's and each layer's timed window")
     p.add_argument("--watchdog", type=int, default=0, metavar="N",
                    help="only time the backend in its actor, N times each with the hung-engine watchdog off and on")
     args = p.parse_args()
+    SPLIT.on = args.cpu_split
     if args.watchdog:
         return watchdog_cost(args)
     print(f"python {sys.version.split()[0]}, cpus {len(os.sched_getaffinity(0))}, model {args.model}, "
@@ -259,6 +332,8 @@ def main() -> None:
             base = tokens / secs
             at = f" #{rep + 1}" if args.repeat > 1 else ""
             print(f"(a) bare vllm.LLM.generate{at:<6s}  {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
+            if SPLIT.on:
+                SPLIT.report("bare", tokens, secs)
             if args.layers:
                 for name, layer in (("bare beside idle Ray", bare_beside_ray),
                                     ("backend in process", backend_in_process),
@@ -267,6 +342,8 @@ def main() -> None:
                     ratios.setdefault(name, []).append(n / s / base)
                     print(f"(a) {name + at:<30s} {n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
                           f"ratio {n / s / base:.3f}")
+                    if SPLIT.on:
+                        SPLIT.report(name, n, s)
             rep_outs = {}
             for mode, path in jobs.items():
                 s, n, out, startup = through_datagen(path)
