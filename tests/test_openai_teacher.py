@@ -50,7 +50,8 @@ def test_plain_answer_with_usage(server):
     assert g.token_ids is None  # logprobs not asked for
 
 
-@pytest.mark.parametrize("kind", ["429", "408", "500", "503", "malformed", "truncated", "garbage", "undecodable"])
+@pytest.mark.parametrize("kind", ["429", "408", "500", "503", "reset", "malformed", "truncated", "garbage",
+                                  "undecodable"])
 def test_transient_faults_are_retried(server, kind):
     server.inject(kind, times=2, retry_after=0.05)
     [g] = ask(teacher(server), "hi")
@@ -70,12 +71,46 @@ def test_hang_is_cut_by_timeout_then_retried(server):
     assert t.limiter.cuts == {"timeout": 1}  # a time-out is a congestion signal
 
 
+def test_a_reset_connection_is_a_connection_error_not_a_time_out(server):
+    # The client's aiohttp transport calls a reset a "connect time-out"; it is neither
+    # slow nor the server's push-back, so it costs one retry and no concurrency.
+    server.inject("reset", times=1)
+    t = teacher(server)
+    [g] = ask(t, "hi")
+    assert g.error is None and g.attempts == 2
+    assert server.served["reset"] == 1 and server.served["ok"] == 1
+    assert not t.limiter.cuts
+
+
 def test_retry_after_is_honoured(server):
-    server.inject("429", times=1, retry_after=0.6)
+    # 2 s is four times the longest first back-off the jitter could draw (0.5 s), so only
+    # a client that waited as told gets here this late.
+    server.inject("429", times=1, retry_after=2.0)
     [g] = ask(teacher(server), "hi")
     assert g.error is None
-    assert g.latency_s >= 0.6
+    assert g.latency_s >= 2.0
     assert g.attempts == 2 and server.requests == 2
+    early, late = sorted(at for at, _ in server.arrivals)
+    assert late - early >= 2.0
+
+
+def test_back_off_is_full_jitter_bounded_and_yields_to_retry_after():
+    from types import SimpleNamespace
+
+    from datagen.teachers.openai_api import _Wait
+
+    wait = _Wait(base=0.5, cap=20.0)
+    for attempt in range(1, 9):
+        bound = min(20.0, 0.5 * 2 ** (attempt - 1))
+        draws = [wait(SimpleNamespace(attempt_number=attempt, outcome=None)) for _ in range(400)]
+        assert all(0.0 <= d <= bound for d in draws)
+        # Spread over the whole range (not a fixed delay, not a narrow band): clients
+        # that failed together must not come back together.
+        assert min(draws) < 0.1 * bound and max(draws) > 0.9 * bound
+        assert len(set(draws)) > 390
+    told = SimpleNamespace(response=SimpleNamespace(headers={"retry-after": "7"}))
+    state = SimpleNamespace(attempt_number=1, outcome=SimpleNamespace(exception=lambda: told))
+    assert wait(state) == 7.0
 
 
 def test_retry_after_pauses_the_whole_replica(server):
@@ -133,7 +168,8 @@ def test_request_budget_paces_requests(server):
 @pytest.mark.parametrize("kind,code", [("500", "teacher.http_500"), ("malformed", "teacher.malformed_response"),
                                        ("garbage", "teacher.malformed_response"),
                                        ("undecodable", "teacher.malformed_response"),
-                                       ("truncated", "teacher.")])
+                                       ("truncated", "teacher.connection"), ("reset", "teacher.connection"),
+                                       ("hang", "teacher.timeout")])
 def test_persistent_fault_becomes_failed_row_with_reason(server, kind, code):
     server.inject(kind, times=None)
     [g] = ask(teacher(server, max_attempts=3), "hi")
@@ -214,7 +250,6 @@ def test_server_that_ignores_logprobs_gives_null_not_invented_values():
 def test_token_strings_map_to_ids_through_the_named_tokenizer():
     # A server that names tokens by text (OpenAI's API) plus the teacher's tokenizer:
     # ids come from the token bytes; one unmappable alternative -> the row has none.
-    pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
     from datagen import embedded

@@ -76,12 +76,12 @@ def vllm_url(tmp_path_factory):
         log.close()
 
 
-def generate(url: str, **kw):
+def generate(url: str, prompts: list[str] = PROMPTS, **kw):
     cfg = {"name": "srv", "backend": "openai", "model": "smollm2", "base_url": url, "timeout_s": 120,
            "max_concurrency": 4, "sampling": {"temperature": 0.0, "max_tokens": 24, "logprobs": K}}
     cfg.update(kw)
     t = OpenAICompatibleTeacher(OpenAITeacher.model_validate(cfg))
-    return t, ask(t, *PROMPTS)
+    return t, ask(t, *prompts)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,13 @@ def test_flow_control_against_a_server_that_never_says_429(vllm_url):
                        requests_per_minute=6000, tokens_per_minute=10**6)
     assert all(g.error is None and g.text for g in gens)
     assert "429" not in t.limiter.cuts and t.limiter.inflight == 0
+
+
+def test_a_prompt_longer_than_the_context_fails_alone_and_is_not_retried(vllm_url):
+    # The server's context is 1024 tokens: it answers 400, which asking again cannot fix.
+    too_long = "Repeat after me: " + "apple banana cherry " * 600
+    t, (ok, long) = generate(vllm_url, [PROMPTS[0], too_long])
+    assert ok.error is None and ok.text
+    assert long.text is None and long.error.startswith("teacher.http_400"), long.error
+    assert "1024" in long.error  # the server's reason, passed on
+    assert long.attempts == 1 and not t.limiter.cuts

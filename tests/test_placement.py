@@ -10,11 +10,10 @@ bundle (vllm/v1/executor/ray_utils.py), which the probe actor below checks it ca
 from __future__ import annotations
 
 import pytest
+import ray
 
 from datagen.config import VLLMTeacher
 from datagen.errors import ConfigError
-
-ray = pytest.importorskip("ray")
 
 
 def _teacher(tp: int = 2, pp: int = 1, **kw) -> VLLMTeacher:

@@ -4,10 +4,9 @@ logprobs). Built with vLLM's own append path, the same one its output processor 
 from __future__ import annotations
 
 import pytest
+from vllm import logprobs
 
-logprobs = pytest.importorskip("vllm.logprobs")
-
-from datagen.teachers.vllm_engine import _positions  # noqa: E402
+from datagen.teachers.vllm_engine import _positions
 
 # Three positions at k=3: (sampled token, its rank, its logprob) then the top-3 in rank order.
 STEPS = [

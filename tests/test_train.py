@@ -10,18 +10,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-torch = pytest.importorskip("torch")
-
-from datagen import records  # noqa: E402
-from datagen.cli import main  # noqa: E402
-from datagen.config import Output  # noqa: E402
-from datagen.errors import ConfigError  # noqa: E402
-from datagen.shards import ShardStore  # noqa: E402
-from datagen.train import checkpoint, data, losses, student  # noqa: E402
-from datagen.train.config import Student, load_train  # noqa: E402
-from datagen.train.trainer import Trainer, forward_losses, train  # noqa: E402
+from datagen import records
+from datagen.cli import main
+from datagen.config import Output
+from datagen.errors import ConfigError
+from datagen.shards import ShardStore
+from datagen.train import checkpoint, data, losses, student
+from datagen.train.config import Student, load_train
+from datagen.train.trainer import Trainer, forward_losses, train
 
 TEACHER = "embedded:smollm2-135m-instruct"
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -206,6 +205,25 @@ def test_kd_refuses_a_student_with_another_tokenizer(tmp_path, tok, capsys):
     cfg = write_cfg(tmp_path, src, data={"path": str(src), "holdout_fraction": 0.0}, loss={"kd_weight": 0.0},
                     steps=2, output=str(tmp_path / "sft"))
     assert main(["train", str(cfg), "-q"]) == 0
+
+
+def test_the_fingerprint_is_the_vocabulary_and_special_tokens_and_nothing_else(tok):
+    from datagen.teachers.base import tokenizer_fingerprint
+
+    vocab, special = tok.get_vocab(), tok.special_tokens_map
+    fp = student.fingerprint(tok)
+    assert tokenizer_fingerprint(dict(reversed(list(vocab.items()))), dict(special)) == fp  # order-free
+    a, b = "hello", "Ġworld"
+    changed = {
+        "two ids swapped": {**vocab, a: vocab[b], b: vocab[a]},
+        "one token respelled": {**{k: v for k, v in vocab.items() if k != a}, a.upper() + "x": vocab[a]},
+        "one token added": {**vocab, "<extra>": len(vocab)},
+        "one token removed": {k: v for k, v in vocab.items() if k != b},
+    }
+    for what, other in changed.items():
+        assert tokenizer_fingerprint(other, special) != fp, what
+    assert tokenizer_fingerprint(vocab, {**special, "eos_token": "<|endoftext|>"}) != fp
+    assert tokenizer_fingerprint(vocab, None) != fp
 
 
 def test_config_errors_name_the_field(tmp_path, store):

@@ -117,11 +117,29 @@ class _Wait:
         return random.uniform(0, min(self.cap, self.base * 2 ** (state.attempt_number - 1)))
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """A real time-out. The client's aiohttp transport reports a connection reset (or
+    refused) as a connect time-out; the OS error under it says what happened."""
+    import openai
+
+    if not isinstance(exc, openai.APITimeoutError):
+        return False
+    seen, cause = set(), exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionError):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 def _error_code(exc: BaseException) -> str:
     import openai
 
-    if isinstance(exc, openai.APITimeoutError):
+    if _timed_out(exc):
         return "teacher.timeout"
+    if isinstance(exc, openai.APITimeoutError):  # a reset under a time-out's name
+        return "teacher.connection"
     if isinstance(exc, openai.APIConnectionError):
         return "teacher.connection"
     if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError)):
@@ -401,9 +419,7 @@ def _count(v: Any) -> int | None:
 
 def _congestion(exc: BaseException) -> str | None:
     """The server pushing back (as opposed to a bug or a bad request)."""
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
+    if _timed_out(exc):
         return "timeout"
     status = _status(exc)
     return str(status) if status in (429, 503) else None

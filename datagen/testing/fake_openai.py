@@ -21,6 +21,8 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``429``         429 with a ``Retry-After`` header
 ``400``/``408``/``409``/``500``/``503`` that error status with a JSON error body
 ``hang``        sleep ``seconds`` (longer than the client's time-out), then drop the socket
+``reset``       reset the connection (TCP RST) before any answer, as an overloaded load
+                balancer or a restarting server does
 ``malformed``   200 with a body that is not JSON
 ``truncated``   200 whose body stops short of its Content-Length
 ``garbage``     200 with valid JSON that is not a completion (no ``choices``)
@@ -43,6 +45,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -50,8 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "malformed", "truncated", "garbage",
-               "undecodable", "kill_client")
+FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "reset", "malformed", "truncated",
+               "garbage", "undecodable", "kill_client")
 VOCAB = 49152
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             429: "Too Many Requests",
@@ -377,6 +380,12 @@ class FakeOpenAIServer:
             return
         elif kind == "hang":
             h.conn.later(fault.seconds or 30.0, h.drop)
+            return
+        elif kind == "reset":  # SO_LINGER 0: close() sends RST, not FIN
+            sock = h.conn.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.drop()
             return
         elif kind == "malformed":
             h.raw(200, b"<html>502 Bad Gateway</html> {not json")
