@@ -102,7 +102,7 @@ class CpuSplit:
             split: dict[str, float] = {}
             for pid, (label, cpu) in after.items():
                 was = self._before.get(pid)
-                used = cpu - (was[1] if was and was[0] == label else 0.0)
+                used = cpu - (was[1] if was else 0.0)  # same pid, same process (its title may change)
                 split[label] = split.get(label, 0.0) + 100 * used / secs
             self.last = split
 
