@@ -107,6 +107,8 @@ class CpuSplit:
             self.last = split
 
     def report(self, name: str, tokens: int, secs: float) -> None:
+        if not self.on:
+            return
         s = dict(sorted(self.last.items(), key=lambda kv: -kv[1]))
         ray = sum(v for k, v in s.items() if k.startswith("Ray "))
         worker = s.get("VLLM::Worker", 0.0)
@@ -332,8 +334,7 @@ def main() -> None:
             base = tokens / secs
             at = f" #{rep + 1}" if args.repeat > 1 else ""
             print(f"(a) bare vllm.LLM.generate{at:<6s}  {tokens:7d} tokens  {secs:7.1f} s  {base:8.1f} tokens/s")
-            if SPLIT.on:
-                SPLIT.report("bare", tokens, secs)
+            SPLIT.report("bare", tokens, secs)
             if args.layers:
                 for name, layer in (("bare beside idle Ray", bare_beside_ray),
                                     ("backend in process", backend_in_process),
@@ -342,8 +343,7 @@ def main() -> None:
                     ratios.setdefault(name, []).append(n / s / base)
                     print(f"(a) {name + at:<30s} {n:7d} tokens  {s:7.1f} s  {n / s:8.1f} tokens/s  "
                           f"ratio {n / s / base:.3f}")
-                    if SPLIT.on:
-                        SPLIT.report(name, n, s)
+                    SPLIT.report(name, n, s)
             rep_outs = {}
             for mode, path in jobs.items():
                 s, n, out, startup = through_datagen(path)

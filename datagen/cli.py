@@ -23,7 +23,6 @@ EXIT_FAILED_ROWS = 3
 EXIT_INTERRUPTED = 130
 
 
-
 def _plural(noun: str, n: int) -> str:
     return noun if n == 1 else noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 

@@ -138,9 +138,7 @@ def _error_code(exc: BaseException) -> str:
 
     if _timed_out(exc):
         return "teacher.timeout"
-    if isinstance(exc, openai.APITimeoutError):  # a reset under a time-out's name
-        return "teacher.connection"
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError's base: a reset under its name too
         return "teacher.connection"
     if isinstance(exc, (MalformedResponse, openai.APIResponseValidationError)):
         return "teacher.malformed_response"
