@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from datagen import minhash as mh  # noqa: E402
+from datagen.dedupe import minhash as mh  # noqa: E402
 
 
 def make_docs(n: int, words: int = 200, dup_rate: float = 0.02, seed: int = 0) -> list[str]:

@@ -26,7 +26,7 @@ from benchmarks.bench_spine import kd_row  # noqa: E402
 
 def run(root, n: int, pool: list[dict]) -> tuple[float, float, int, int]:
     from datagen.config import Output
-    from datagen.shards import ShardStore
+    from datagen.storage.shards import ShardStore
 
     meta = {"name": "b", "run_fingerprint": "b", "job": {}}
     store = ShardStore.create(root, Output(path=root, shard_rows=1000), job_meta=meta)

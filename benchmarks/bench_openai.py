@@ -173,7 +173,7 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
     import ray
 
     from datagen.config import Runtime
-    from datagen.runner import _Actors, init_ray
+    from datagen.run.driver import _Actors, init_ray
 
     cfg = teacher_config(args, url, args.replicas)
     started = init_ray(Runtime(num_cpus=os.cpu_count()))

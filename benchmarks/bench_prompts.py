@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from datagen import minhash  # noqa: E402
+from datagen.dedupe import minhash  # noqa: E402
 from datagen.config import load_job  # noqa: E402
 from datagen.prompts import PromptStream  # noqa: E402
 from datagen.prompts.plan import make_plan  # noqa: E402

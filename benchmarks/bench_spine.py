@@ -57,7 +57,7 @@ sys.path.insert(0, {repo!r})
 from pathlib import Path
 from benchmarks.bench_spine import kd_row
 from datagen.config import Output
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 n = int(sys.argv[1]); out = Path(sys.argv[2])
 rng = random.Random(0)
 pool = [kd_row(i, rng) for i in range(256)]   # rows are made once: time the writer, not the maker

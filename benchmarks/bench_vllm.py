@@ -155,7 +155,7 @@ def write_job(d: Path, args, batching: str) -> Path:
 
 def bare(args, job_path: Path) -> tuple[float, int, list]:
     """vllm.LLM.generate over the job's own requests (same token prompts, seeds, sampling)."""
-    from datagen import runner
+    from datagen.run import driver as runner
     from datagen.config import VLLMTeacher, load_job
     from datagen.teachers.vllm_engine import VLLMEngineTeacher
 
@@ -184,7 +184,7 @@ def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
     """Bare vLLM again, with a local Ray instance (as ``datagen run`` starts one) up and idle
     beside it: what Ray's daemons alone cost an engine that shares their cores."""
     from datagen.config import Runtime
-    from datagen.runner import init_ray
+    from datagen.run.driver import init_ray
 
     import ray
 
@@ -199,7 +199,7 @@ def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
 
 def batches_of(args, job_path: Path) -> list[list[dict]]:
     """The run's requests, cut into the batches the runner sends."""
-    from datagen import runner
+    from datagen.run import driver as runner
     from datagen.config import load_job
 
     stream, _ = runner.prepare(load_job(job_path))
@@ -242,7 +242,7 @@ def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
     import ray
 
     from datagen.config import Runtime, VLLMTeacher
-    from datagen.runner import _Actors, init_ray
+    from datagen.run.driver import _Actors, init_ray
 
     batches = batches_of(args, job_path)
     cfg = VLLMTeacher.model_validate(teacher_cfg(args, "async", **engine))
@@ -262,9 +262,9 @@ def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
 
 
 def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
-    from datagen import runner
+    from datagen.run import driver as runner
     from datagen.config import load_job
-    from datagen.shards import ShardStore
+    from datagen.storage.shards import ShardStore
 
     job = load_job(job_path)
     stream, fp = runner.prepare(job)
@@ -279,7 +279,7 @@ def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
 def kd_bytes(out: Path) -> tuple[dict[str, float], int]:
     import pyarrow.parquet as pq
 
-    from datagen.shards import ShardStore
+    from datagen.storage.shards import ShardStore
 
     store = ShardStore.open(out)
     cols = ("token_ids", "token_logprobs_q", "top_ids", "top_logprobs_q")

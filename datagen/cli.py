@@ -28,9 +28,9 @@ def _plural(noun: str, n: int) -> str:
 
 
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
-    from datagen import runner
-    from datagen.report import LiveProgress, summary_table, where_line
-    from datagen.shards import ShardStore
+    from datagen.run import driver as runner
+    from datagen.console import LiveProgress, summary_table, where_line
+    from datagen.storage.shards import ShardStore
 
     out = Console()
     err = Console(stderr=True, quiet=quiet)  # progress: silenced by --quiet
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from datagen.config import load_job, parse_job
-    from datagen.shards import JOB_FILE, ShardStore
+    from datagen.storage.shards import JOB_FILE, ShardStore
 
     root = _output_arg(args.output_dir)
     meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
@@ -138,7 +138,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from datagen import runner
+    from datagen.run import driver as runner
     from datagen.config import load_job
 
     job = load_job(args.job, output=args.output)
@@ -206,8 +206,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from datagen.report import inspect_output
-    from datagen.shards import ShardStore
+    from datagen.console import inspect_output
+    from datagen.storage.shards import ShardStore
 
     store = ShardStore.open(_output_arg(args.output_dir))
     inspect_output(store, Console(), rows=args.rows, stream=args.stream, as_json=args.json)
@@ -231,8 +231,8 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from datagen.config import Dedupe, format_validation_error
-    from datagen.dedupe import dedupe
-    from datagen.shards import ShardStore
+    from datagen.dedupe.view import dedupe
+    from datagen.storage.shards import ShardStore
 
     src = _output_arg(args.output_dir, command="dedupe")
     job = (ShardStore.open(src).job_meta().get("job") or {})
@@ -284,7 +284,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from datagen.verify import verify
+    from datagen.storage.verify import verify
 
     root = _output_arg(args.output_dir)
     rep = verify(root)

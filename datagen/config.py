@@ -325,14 +325,14 @@ class Prompts(Strict):
 
 class StorageOptions(Strict):
     """Where an object-store output lives. Credentials are not settable here on purpose:
-    they come from the standard AWS environment (see datagen/objstore.py)."""
+    they come from the standard AWS environment (see datagen/storage/objstore.py)."""
 
     endpoint_url: str | None = Field(None, pattern=r"^https?://[^/@?#\s]+/?$",
                                      description="S3-compatible endpoint (MinIO, R2, ...); default AWS")
     region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,32}$")
 
 
-# s3://bucket/prefix: an object store (datagen/objstore.py); anything else is a local path.
+# s3://bucket/prefix: an object store (datagen/storage/objstore.py); anything else is a local path.
 _S3_URL = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s@]*)?$"
 _BAD_URL = ("must be a local path or s3://bucket/prefix (bucket: 3-63 lower-case letters, digits, "
             "dots, hyphens; no credentials or query)")
@@ -381,7 +381,7 @@ class Runtime(Strict):
 
 
 class Dedupe(Strict):
-    """Near-duplicate detection (``datagen dedupe``); see datagen/minhash.py."""
+    """Near-duplicate detection (``datagen dedupe``); see datagen/dedupe/minhash.py."""
 
     on: Literal["response", "prompt", "both"] = "response"
     threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets")

@@ -30,7 +30,7 @@ import yaml
 
 from datagen.errors import OutputError
 from datagen.licenses import CLASSES, Registry, binding
-from datagen.shards import ShardStore, build_store
+from datagen.storage.shards import ShardStore, build_store
 
 
 @dataclass

@@ -42,7 +42,7 @@ from pydantic import TypeAdapter, ValidationError
 from datagen import records
 from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml, teacher_identity
 from datagen.errors import ConfigError, DatagenError, remote_cause
-from datagen.shards import ShardStore, resumable_build
+from datagen.storage.shards import ShardStore, resumable_build
 
 
 @dataclass
@@ -80,7 +80,7 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
     import ray
 
     from datagen.replicas import lost_work_errors
-    from datagen.runner import _Actors, _StopFlag, died_alone, init_ray
+    from datagen.run.driver import _Actors, _StopFlag, died_alone, init_ray
 
     store = ShardStore.open(src)
     dest = dest or src / "rescored"
@@ -199,7 +199,7 @@ def _interrupted(out: ShardStore, res: RescoreResult) -> DatagenError:
 
 def _terms(store: ShardStore, teacher: VLLMTeacher) -> str:
     """The re-scoring teacher's license id, checked against every license already in the store."""
-    from datagen import embedded
+    from datagen.teachers import embedded
     from datagen.licenses import Registry
 
     meta = store.job_meta().get("job") or {}

@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen import runner
+from datagen.run import driver as runner
 from datagen.config import Dedupe, parse_job
 from datagen.errors import DatagenError
 from datagen.records import STREAMS
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.testing.fake_openai import FakeOpenAIServer
 
 from .conftest import datagen, write_job
@@ -426,8 +426,8 @@ def local_ray():
 
 
 def test_streaming_dedupe_rebuilds_its_index_after_a_lost_actor(local_ray):
-    from datagen import minhash as mh
-    from datagen.dedupe_stream import BATCH, StreamingDedupe
+    from datagen.dedupe import minhash as mh
+    from datagen.dedupe.streaming import BATCH, StreamingDedupe
 
     from .test_minhash import corpus
 

@@ -9,10 +9,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from datagen.filter_pool import PromptGroups
+from datagen.run.filter_pool import PromptGroups
 from datagen.filters import FilterChain
 from datagen.prompts import AnswerFormat
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.testing.fake_openai import FakeOpenAIServer
 
 from .conftest import datagen, write_job

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 
 from datagen.config import Output
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen
 from .test_minhash import corpus

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.testing.fake_openai import FakeOpenAIServer
 
 from .conftest import datagen, write_job
@@ -108,9 +108,9 @@ def test_streaming_index_survives_kill_and_resume(tmp_path, dup_server):
 def test_streaming_index_is_order_independent_and_equals_batch():
     import ray
 
-    from datagen import minhash as mh
+    from datagen.dedupe import minhash as mh
     from datagen.config import Dedupe
-    from datagen.dedupe_stream import StreamingDedupe
+    from datagen.dedupe.streaming import StreamingDedupe
 
     from .test_minhash import corpus
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from datagen.licenses import Registry
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datagen import runner
+from datagen.run import driver as runner
 from datagen.config import load_job, parse_job
 from datagen.errors import DatagenError
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 from .filter_helpers import DOWN_ENV

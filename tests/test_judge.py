@@ -10,7 +10,7 @@ import pytest
 
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import AnswerFormat
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.testing.fake_openai import FakeOpenAIServer
 
 from .conftest import datagen, extract_answer, write_job

@@ -8,7 +8,7 @@ import json
 
 import yaml
 
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from datagen import minhash as mh
+from datagen.dedupe import minhash as mh
 
 VOCAB = None
 
@@ -114,7 +114,7 @@ def test_exact_duplicates_are_grouped_first():
 
 def test_kept_set_is_the_same_under_other_hash_seeds(tmp_path):
     code = ("import sys; sys.path.insert(0, %r); from tests.test_minhash import corpus; "
-            "from datagen import minhash as mh; ids, t = corpus(80, 2, seed=5); "
+            "from datagen.dedupe import minhash as mh; ids, t = corpus(80, 2, seed=5); "
             "cl = mh.find_clusters(ids, t); print(','.join(sorted(ids[i] for i in cl.kept())))")
     import os
     from pathlib import Path

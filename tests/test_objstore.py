@@ -10,10 +10,10 @@ import pytest
 
 from datagen.config import Output
 from datagen.errors import ConfigError, OutputError
-from datagen.objstore import ObjectShardStore
-from datagen.shards import LOCK_FILE, MANIFEST, ShardStore
+from datagen.storage.objstore import ObjectShardStore
+from datagen.storage.shards import LOCK_FILE, MANIFEST, ShardStore
 from datagen.testing.s3 import MotoS3
-from datagen.verify import verify
+from datagen.storage.verify import verify
 
 from .conftest import REPO, datagen, write_job
 from .test_shards import row

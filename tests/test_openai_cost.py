@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from datagen.config import Price
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 

@@ -8,7 +8,7 @@ import pytest
 
 from datagen.config import OpenAITeacher, VLLMTeacher, even_share, parse_job
 from datagen.errors import ConfigError
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 from .test_pipeline import expected_ids

@@ -252,7 +252,7 @@ def test_token_strings_map_to_ids_through_the_named_tokenizer():
     # ids come from the token bytes; one unmappable alternative -> the row has none.
     from transformers import AutoTokenizer
 
-    from datagen import embedded
+    from datagen.teachers import embedded
 
     name = "embedded:smollm2-135m-instruct"
     tok = AutoTokenizer.from_pretrained(str(embedded.materialize(name)))

@@ -33,7 +33,7 @@ K = 20
 
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
-    from datagen import embedded
+    from datagen.teachers import embedded
 
     folder = embedded.materialize(EMBEDDED)
     with socket.socket() as s:
@@ -88,7 +88,7 @@ def generate(url: str, prompts: list[str] = PROMPTS, **kw):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from datagen import embedded
+    from datagen.teachers import embedded
 
     return AutoTokenizer.from_pretrained(str(embedded.materialize(EMBEDDED)))
 

@@ -18,7 +18,7 @@ import yaml
 
 from datagen.config import load_job
 from datagen.prompts import PromptStream
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import REPO, datagen, write_job
 

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen import runner
+from datagen.run import driver as runner
 from datagen.config import load_job
 from datagen.errors import DatagenError
 from datagen.prompts import PromptStream, load_template
 from datagen.prompts.plan import apportion
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import REPO, datagen
 

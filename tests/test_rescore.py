@@ -10,7 +10,7 @@ import yaml
 from datagen.config import load_job
 from datagen.errors import ConfigError
 from datagen.rescore import _terms, load_teacher
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import datagen, write_job
 

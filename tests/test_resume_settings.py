@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen import runner
+from datagen.run import driver as runner
 from datagen.config import VLLMTeacher, is_operational, job_changes, parse_job, teacher_identity
 from datagen.errors import DatagenError
-from datagen.shards import JOB_FILE, ShardStore
+from datagen.storage.shards import JOB_FILE, ShardStore
 
 from .conftest import REPO, datagen, write_job
 from .test_pipeline import all_ids, expected_ids

@@ -17,7 +17,7 @@ import pytest
 from datagen import records
 from datagen.config import Output
 from datagen.errors import OutputError
-from datagen.shards import MANIFEST, ShardStore
+from datagen.storage.shards import MANIFEST, ShardStore
 
 META = {"name": "t", "run_fingerprint": "fp", "job": {}}
 
@@ -174,7 +174,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from tests.test_shards import row, output, META
-    from datagen.shards import ShardStore
+    from datagen.storage.shards import ShardStore
     mode = sys.argv[1]
     store = ShardStore.create(Path(sys.argv[2]), output(shard_rows=100, row_group_rows=5), job_meta=META)
     for i in range(100):
@@ -249,7 +249,7 @@ RESUMABLE_CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from tests.test_shards import row, output, META
-    from datagen.shards import resumable_build
+    from datagen.storage.shards import resumable_build
     with resumable_build(Path(sys.argv[1]), dict(META, step={{"k": 5}}), key="step",
                          output=output(shard_rows=10)) as store:
         for i in range(25):
@@ -259,7 +259,7 @@ RESUMABLE_CHILD = textwrap.dedent("""
 
 
 def test_resumable_build_keeps_what_a_killed_build_committed_and_continues(tmp_path):
-    from datagen.shards import resumable_build
+    from datagen.storage.shards import resumable_build
 
     dest, meta = tmp_path / "view", dict(META, step={"k": 5})
     script = tmp_path / "child.py"
@@ -284,7 +284,7 @@ def test_resumable_build_keeps_what_a_killed_build_committed_and_continues(tmp_p
 
 
 def test_resumable_build_commits_rows_received_before_an_error(tmp_path):
-    from datagen.shards import resumable_build
+    from datagen.storage.shards import resumable_build
 
     dest, meta = tmp_path / "view", dict(META, step=1)
     with pytest.raises(RuntimeError):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from datagen.errors import DatagenError
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.submit import DEFAULT_EXCLUDES, build
 
 from .conftest import datagen, write_job

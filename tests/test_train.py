@@ -17,7 +17,7 @@ from datagen import records
 from datagen.cli import main
 from datagen.config import Output
 from datagen.errors import ConfigError
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.train import checkpoint, data, losses, student
 from datagen.train.config import Student, load_train
 from datagen.train.trainer import Trainer, forward_losses, train

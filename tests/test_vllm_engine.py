@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datagen import records
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import REPO, datagen
 
@@ -129,7 +129,7 @@ def _hf_logprobs(prompt_ids, response_ids):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from datagen import embedded
+    from datagen.teachers import embedded
 
     model = AutoModelForCausalLM.from_pretrained(embedded.materialize("embedded:smollm2-135m-instruct"),
                                                  torch_dtype=torch.float32)

@@ -17,7 +17,7 @@ import yaml
 from datagen import records
 from datagen.config import load_job
 from datagen.prompts import PromptStream
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 
 from .conftest import REPO, datagen
 
@@ -65,7 +65,7 @@ def _teacher_actor_pids() -> list[int]:
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     """A run whose only engine actor is SIGKILLed after its first batch comes back."""
-    from datagen import runner
+    from datagen.run import driver as runner
 
     tmp = tmp_path_factory.mktemp("kill")
     job_path = _job(tmp)
@@ -152,7 +152,7 @@ def test_a_killed_rescore_is_finished_by_running_it_again_with_other_batches(kil
     import sys
     import time
 
-    from datagen.shards import MANIFEST, Manifest
+    from datagen.storage.shards import MANIFEST, Manifest
 
     _, job, _, _, _ = killed_run
     src, dest = job.output.path, tmp_path / "rs"
@@ -196,9 +196,10 @@ def test_a_rescore_whose_engine_dies_sends_its_batches_again(killed_run, tmp_pat
     import threading
     import time
 
-    from datagen import rescore, runner
+    from datagen import rescore
+    from datagen.run import driver as runner
     from datagen.config import Runtime
-    from datagen.shards import MANIFEST, Manifest
+    from datagen.storage.shards import MANIFEST, Manifest
 
     monkeypatch.setattr(runner, "ACTOR_MAX_TASK_RETRIES", 0)  # Ray's retries "ran out" at once
     _, job, _, _, _ = killed_run
@@ -238,7 +239,7 @@ def test_a_hung_engine_is_killed_and_restarted_and_its_rows_still_come_once(tmp_
 
     import psutil
 
-    from datagen import runner
+    from datagen.run import driver as runner
 
     data = yaml.safe_load(_job(tmp_path).read_text())
     data["prompts"]["count"] = 32

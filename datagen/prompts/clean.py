@@ -1,5 +1,5 @@
 """Prompt-level cleaning before any teacher token is paid for: near-duplicate prompts
-(MinHash from ``datagen.minhash``, verified by exact Jaccard) and contamination with
+(MinHash from ``datagen.dedupe.minhash``, verified by exact Jaccard) and contamination with
 user-provided eval sets (shared word n-grams).
 
 Both look at the prompt's last user turn, the part that varies from prompt to prompt;
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from datagen import minhash, records
+from datagen import records
+from datagen.dedupe import minhash
 from datagen.config import Decontaminate, PromptDedupe
 from datagen.errors import ConfigError
 from datagen.prompts.seeds import READERS, BadRow, source_format, where

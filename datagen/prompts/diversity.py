@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from datagen import minhash
+from datagen.dedupe import minhash
 
 REPORT_FILE = "prompts_report.json"
 SAMPLE = 1000  # prompts for distinct-n

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datagen import licenses, minhash, records
+from datagen import licenses, records
+from datagen.dedupe import minhash
 from datagen.config import Job, PromptDedupe
 from datagen.errors import ConfigError
 from datagen.prompts.clean import NearDuplicates

@@ -66,7 +66,7 @@ class TokenMap:
     @classmethod
     def load(cls, name: str, *, teacher: str) -> TokenMap:
         """From an HF folder, hub id or ``embedded:NAME``; a clear error otherwise."""
-        from datagen import embedded
+        from datagen.teachers import embedded
 
         try:
             from transformers import AutoTokenizer

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datagen import embedded
+from datagen.teachers import embedded
 from datagen.config import VLLMTeacher
 from datagen.errors import ConfigError, MissingExtra
 from datagen.teachers.base import Generation, tokenizer_fingerprint

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import DatagenError
-from datagen.shards import _fsync_dir, atomic_write_text, sha256_file
+from datagen.storage.shards import _fsync_dir, atomic_write_text, sha256_file
 
 LATEST = "latest"
 

@@ -32,7 +32,7 @@ from typing import Any
 from datagen import records
 from datagen.errors import DatagenError
 from datagen.licenses import CLASSES, Registry
-from datagen.shards import ShardStore
+from datagen.storage.shards import ShardStore
 from datagen.train.config import Data
 
 IGNORE = -100

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from datagen import records
 from datagen.errors import DatagenError
-from datagen.shards import atomic_write_text
+from datagen.storage.shards import atomic_write_text
 from datagen.train import data, student
 from datagen.train.config import EvalConfig, Verifier
 from datagen.train.trainer import forward_losses, pick_device

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from datagen import embedded
+from datagen.teachers import embedded
 from datagen.errors import DatagenError, MissingExtra
 from datagen.teachers.base import tokenizer_fingerprint
 from datagen.train.config import Student

@@ -31,7 +31,7 @@ from typing import Any
 
 from datagen import records
 from datagen.errors import DatagenError
-from datagen.shards import atomic_write_text
+from datagen.storage.shards import atomic_write_text
 from datagen.train import checkpoint, data, losses, student
 from datagen.train.config import TrainConfig
 

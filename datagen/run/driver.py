@@ -28,14 +28,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from datagen import licenses, metrics, records
+from datagen import licenses, records
+from datagen.run import metrics
 from datagen.config import Job, Price, dotted, is_operational, job_changes, parse_job, teacher_identity
 from datagen.errors import DatagenError, MissingExtra, OutputError, remote_cause
-from datagen.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
+from datagen.run.filter_pool import FilterFailed, FilterPool, Pending, PromptGroups, Quota, decide, filter_context
 from datagen.filters import FilterChain, FilterError
 from datagen.prompts import PromptStream, Request
 from datagen.replicas import Liveness, ReplicasLost, lost_work_errors, slots
-from datagen.shards import JOB_FILE, ShardStore
+from datagen.storage.shards import JOB_FILE, ShardStore
 
 ACTOR_MAX_RESTARTS = 3
 # Ray re-runs a dead actor's tasks this often; after that the driver sends the batch
@@ -69,7 +70,7 @@ class RunStats:
     # work done again because an actor or node died with it (Ray's own silent retries
     # not counted): "teacher batch", "filter batch", "dedupe index rebuild" -> times
     lost: Counter = field(default_factory=Counter)
-    metrics: Any = None  # datagen.metrics.RunMetrics: per-stage figures, queue depths
+    metrics: Any = None  # datagen.run.metrics.RunMetrics: per-stage figures, queue depths
 
     @property
     def generated(self) -> int:
@@ -665,8 +666,8 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
 def _start_dedupe(job: Job, store: ShardStore):
     """Streaming dedupe index, rebuilt from the rows already committed (resume), and
     again from every accepted row so far if an index actor is lost mid-run."""
-    from datagen.dedupe import row_text
-    from datagen.dedupe_stream import StreamingDedupe
+    from datagen.dedupe.view import row_text
+    from datagen.dedupe.streaming import StreamingDedupe
 
     def accepted_so_far() -> Iterator[tuple[str, str]]:
         store.commit_all()  # rows routed but not yet committed become readable
@@ -680,7 +681,7 @@ def _start_dedupe(job: Job, store: ShardStore):
 
 
 def _finish_dedupe(job: Job, store: ShardStore, dedup: Any, stats: RunStats) -> None:
-    from datagen.dedupe import write_view
+    from datagen.dedupe.view import write_view
 
     started = time.perf_counter()
     roots = dedup.roots()
@@ -711,7 +712,7 @@ def _drive(job, store, stream, done, stats, actors, teachers, filters, quota, ro
     are routed when their verdicts come back, so verifying never holds up generating."""
     import ray
 
-    from datagen.dedupe import row_text
+    from datagen.dedupe.view import row_text
 
     grouped = any(type(f).groups_by_prompt for f in job.filters)
     groups = PromptGroups(store) if grouped else None

@@ -19,7 +19,7 @@ Step 4 is the commit. A crash before it leaves a temp file or an orphan shard th
 reader trusts (readers open only what the manifest lists) and that ``sweep()`` deletes
 on resume; the rows in it are regenerated. A crash after it loses nothing.
 
-Object stores have no rename: ``datagen/objstore.py`` subclasses the store and its
+Object stores have no rename: ``datagen/storage/objstore.py`` subclasses the store and its
 writer (unique object names, the manifest PUT is the commit, a lease object instead of
 ``flock``). Not covered: two drivers writing one directory at once (refused by a lock
 file, but only on filesystems where ``flock`` works); silent bit-rot after the commit
@@ -265,7 +265,7 @@ class StreamWriter:
         return self.open_rows > 0 and time.monotonic() - self._opened_at >= self.store.output.commit_every_s
 
     # -- where the bytes go: a local temp file renamed into place (an object store's
-    # writer, in datagen/objstore.py, overrides these three) -------------------------
+    # writer, in datagen/storage/objstore.py, overrides these three) -------------------------
     def _bytes(self) -> int:
         return self._tmp.stat().st_size if self._tmp is not None and self._tmp.exists() else 0
 
@@ -366,7 +366,7 @@ class ShardStore:
     """One output directory. ``create`` for a new run, ``open`` to resume or read.
 
     ``root`` may also be an object-store URL (``s3://bucket/prefix``): ``create`` and
-    ``open`` then return a ``datagen.objstore.ObjectShardStore``, same interface, with
+    ``open`` then return a ``datagen.storage.objstore.ObjectShardStore``, same interface, with
     the commit protocol for a store that has no rename."""
 
     writer_class: type[StreamWriter] = StreamWriter
@@ -383,7 +383,7 @@ class ShardStore:
     @classmethod
     def create(cls, root: Path | str, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
         if cls is ShardStore and is_url(root):
-            from datagen.objstore import ObjectShardStore
+            from datagen.storage.objstore import ObjectShardStore
 
             return ObjectShardStore.create(root, output, job_meta=job_meta)
         if root.exists() and not root.is_dir():
@@ -414,7 +414,7 @@ class ShardStore:
     @classmethod
     def open(cls, root: Path | str, output: Any = None, *, for_writing: bool = False) -> ShardStore:
         if cls is ShardStore and is_url(root):
-            from datagen.objstore import ObjectShardStore
+            from datagen.storage.objstore import ObjectShardStore
 
             return ObjectShardStore.open(root, output, for_writing=for_writing)
         manifest = Manifest.load(root)  # also the clear error for a non-output directory

@@ -28,10 +28,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen import minhash
+from datagen.dedupe import minhash
 from datagen.config import Dedupe
 from datagen.errors import OutputError
-from datagen.shards import ShardStore, build_store
+from datagen.storage.shards import ShardStore, build_store
 
 
 def row_text(messages: list[dict[str, str]], response: str | None, on: str) -> str:

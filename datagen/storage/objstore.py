@@ -1,6 +1,6 @@
 """The shard store on an object store (``output.path: s3://bucket/prefix``).
 
-Same layout and manifest as a local output (see datagen/shards.py), through pyarrow's
+Same layout and manifest as a local output (see datagen/storage/shards.py), through pyarrow's
 ``S3FileSystem``, with the commit protocol rebuilt for a store that has no rename:
 
 1. a shard is streamed straight to its final, *unique* name
@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from datagen import records
 from datagen.errors import OutputError
-from datagen.shards import (JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest,
+from datagen.storage.shards import (JOB_FILE, LOCK_FILE, MANIFEST, Manifest, ShardStore, StreamWriter, parse_manifest,
                             resume_hint)
 
 SCHEMES = ("s3",)

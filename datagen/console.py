@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from datagen import records
-from datagen.runner import RunStats
-from datagen.shards import ShardStore
+from datagen.run.driver import RunStats
+from datagen.storage.shards import ShardStore
 
 
 class _StageProgress(Progress):

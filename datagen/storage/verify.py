@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datagen import records
-from datagen.shards import ShardStore, license_summary
+from datagen.storage.shards import ShardStore, license_summary
 
 
 @dataclass

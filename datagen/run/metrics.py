@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from datagen.errors import DatagenError
-from datagen.shards import is_url
+from datagen.storage.shards import is_url
 
 METRICS_FILE = "metrics.jsonl"
 VIEW_EVERY_S = 1.0  # how often the progress display's figures are recomputed

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from datagen import minhash
+from datagen.dedupe import minhash
 from datagen.config import Dedupe
 from datagen.errors import DatagenError, remote_cause
 from datagen.replicas import lost_work_errors

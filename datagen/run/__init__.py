@@ -1,0 +1,1 @@
+"""``datagen run`` / ``resume``: the driver loop and what it owns."""
