@@ -26,10 +26,10 @@ from benchmarks.bench_spine import kd_row  # noqa: E402
 
 def run(root, n: int, pool: list[dict]) -> tuple[float, float, int, int]:
     from datagen.config import Output
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import create_store, open_store
 
     meta = {"name": "b", "run_fingerprint": "b", "job": {}}
-    store = ShardStore.create(root, Output(path=root, shard_rows=1000), job_meta=meta)
+    store = create_store(root, Output(path=root, shard_rows=1000), job_meta=meta)
     t = time.perf_counter()
     for i in range(n):
         r = dict(pool[i % len(pool)])
@@ -39,7 +39,7 @@ def run(root, n: int, pool: list[dict]) -> tuple[float, float, int, int]:
     write_s = time.perf_counter() - t
     store.close()
     t = time.perf_counter()
-    rows = sum(1 for _ in ShardStore.open(root).iter_rows("accepted"))
+    rows = sum(1 for _ in open_store(root).iter_rows("accepted"))
     read_s = time.perf_counter() - t
     return write_s, read_s, sum(s["bytes"] for s in store.manifest.shards), rows
 

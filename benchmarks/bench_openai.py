@@ -10,7 +10,7 @@ flight, no client can beat ``C / L`` requests/s; the figure printed is measured
 requests/s divided by that ideal (issue 3 (b): target >= 0.90 on 2 cores).
 
 The teacher is deployed as ``datagen run`` deploys it: ``--replicas`` Ray actors (default:
-one per core) through the runner's own ``_Actors`` and ``TeacherActor``, each with its
+one per core) through the run's own ``TeacherFleet`` and ``TeacherActor``, each with its
 share of the teacher's ``max_concurrency`` = ``--inflight`` (``OpenAITeacher.for_replica``),
 fed as the runner feeds them: batches of ``--batch-size`` rows (default: one replica's
 share of the in-flight ceiling), at most ``--batches`` outstanding per actor (default:
@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datagen.config import OpenAITeacher  # noqa: E402
-from datagen.teachers import _collect_less  # noqa: E402
+from datagen.teachers.base import collect_less  # noqa: E402
 from datagen.teachers.openai_api import OpenAICompatibleTeacher  # noqa: E402
 
 
@@ -168,17 +168,16 @@ def report(args: argparse.Namespace, *, wall: float, errors: int, limits: str, c
 
 def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
     """The teacher as ``datagen run`` deploys it: Ray actors fed batches by a driver loop."""
-    from types import SimpleNamespace
-
     import ray
 
     from datagen.config import Runtime
-    from datagen.run.driver import _Actors, init_ray
+    from datagen.run.cluster import init_ray
+    from datagen.teachers.fleet import TeacherFleet
 
     cfg = teacher_config(args, url, args.replicas)
     started = init_ray(Runtime(num_cpus=os.cpu_count()))
     try:
-        actors = _Actors(SimpleNamespace(teachers=[cfg]))
+        actors = TeacherFleet([cfg])
         actors.wait_started(300, lambda: False)
         replicas = actors.by_teacher[cfg.name]
         pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in replicas])
@@ -203,7 +202,7 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
 
 
 def feed(actors, cfg: OpenAITeacher, reqs: list[dict], slots: int) -> int:
-    """The runner's dispatch (``runner._drive``): a batch goes to the least-loaded actor
+    """The runner's dispatch (``TeacherFleet``): a batch goes to the least-loaded actor
     with a free slot; wait for any batch; repeat. Returns the rows that came back failed."""
     import ray
 
@@ -319,10 +318,10 @@ def main() -> None:
                    help="then time N requests per client layer against an instant server (0: skip)")
     args = p.parse_args()
     if not args.batches:
-        from datagen.replicas import slots
+        from datagen.teachers.fleet import slots
 
         args.batches = slots(teacher_config(args, "http://127.0.0.1:1/v1", max(1, args.replicas)), 2)
-    _collect_less()  # the teacher actor's garbage-collector settings, for the in-process figures too
+    collect_less()  # the teacher actor's garbage-collector settings, for the in-process figures too
     proc, url = start_server(args.latency)
     try:
         if args.replicas:

@@ -57,11 +57,11 @@ sys.path.insert(0, {repo!r})
 from pathlib import Path
 from benchmarks.bench_spine import kd_row
 from datagen.config import Output
-from datagen.storage.shards import ShardStore
+from datagen.storage import create_store
 n = int(sys.argv[1]); out = Path(sys.argv[2])
 rng = random.Random(0)
 pool = [kd_row(i, rng) for i in range(256)]   # rows are made once: time the writer, not the maker
-store = ShardStore.create(out, Output(path=out, shard_rows=5000), job_meta={{"name": "b", "run_fingerprint": "b", "job": {{}}}})
+store = create_store(out, Output(path=out, shard_rows=5000), job_meta={{"name": "b", "run_fingerprint": "b", "job": {{}}}})
 t = time.perf_counter()
 for i in range(n):
     r = dict(pool[i % 256]); r["row_id"] = f"{{i:032x}}"

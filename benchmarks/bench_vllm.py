@@ -155,7 +155,7 @@ def write_job(d: Path, args, batching: str) -> Path:
 
 def bare(args, job_path: Path) -> tuple[float, int, list]:
     """vllm.LLM.generate over the job's own requests (same token prompts, seeds, sampling)."""
-    from datagen.run import driver as runner
+    from datagen import run as runner
     from datagen.config import VLLMTeacher, load_job
     from datagen.teachers.vllm_engine import VLLMEngineTeacher
 
@@ -184,7 +184,7 @@ def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
     """Bare vLLM again, with a local Ray instance (as ``datagen run`` starts one) up and idle
     beside it: what Ray's daemons alone cost an engine that shares their cores."""
     from datagen.config import Runtime
-    from datagen.run.driver import init_ray
+    from datagen.run.cluster import init_ray
 
     import ray
 
@@ -199,7 +199,7 @@ def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
 
 def batches_of(args, job_path: Path) -> list[list[dict]]:
     """The run's requests, cut into the batches the runner sends."""
-    from datagen.run import driver as runner
+    from datagen import run as runner
     from datagen.config import load_job
 
     stream, _ = runner.prepare(load_job(job_path))
@@ -236,19 +236,18 @@ def backend_in_process(args, job_path: Path) -> tuple[float, int]:
 
 
 def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
-    """The same, in its Ray actor as the run deploys it (runner._Actors), the driver only collecting."""
-    from types import SimpleNamespace
-
+    """The same, in its Ray actor as the run deploys it (TeacherFleet), the driver only collecting."""
     import ray
 
     from datagen.config import Runtime, VLLMTeacher
-    from datagen.run.driver import _Actors, init_ray
+    from datagen.run.cluster import init_ray
+    from datagen.teachers.fleet import TeacherFleet
 
     batches = batches_of(args, job_path)
     cfg = VLLMTeacher.model_validate(teacher_cfg(args, "async", **engine))
     started = init_ray(Runtime(num_cpus=os.cpu_count()))
     try:
-        actors = _Actors(SimpleNamespace(teachers=[cfg]))
+        actors = TeacherFleet([cfg])
         actors.wait_started(600, lambda: False)  # engine start and warm-up, excluded
         actor = actors.by_teacher[cfg.name][0]
         with SPLIT:
@@ -262,13 +261,13 @@ def backend_in_actor(args, job_path: Path, **engine) -> tuple[float, int]:
 
 
 def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
-    from datagen.run import driver as runner
+    from datagen import run as runner
     from datagen.config import load_job
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import create_store
 
     job = load_job(job_path)
     stream, fp = runner.prepare(job)
-    store = ShardStore.create(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
+    store = create_store(job.output.path, job.output, job_meta=runner.job_meta(job, fp, job_path))
     try:
         stats = runner.execute(job, store, stream)
     finally:
@@ -279,9 +278,9 @@ def through_datagen(job_path: Path) -> tuple[float, int, Path, float]:
 def kd_bytes(out: Path) -> tuple[dict[str, float], int]:
     import pyarrow.parquet as pq
 
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import open_store
 
-    store = ShardStore.open(out)
+    store = open_store(out)
     cols = ("token_ids", "token_logprobs_q", "top_ids", "top_logprobs_q")
     size = dict.fromkeys(cols, 0)
     tokens = 0

@@ -3,7 +3,10 @@ export, verify, submit, jobs, licenses, train, eval.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
-(committed rows are valid; ``datagen resume`` finishes the job).
+(committed rows are valid; ``datagen resume`` finishes the job); ``errors.EXIT_*``.
+
+Long: one argparse table for sixteen verbs, each verb a few lines that call the module
+that does its work (``run``, ``storage``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datagen.errors import DatagenError
-
-EXIT_FAILED_ROWS = 3
-EXIT_INTERRUPTED = 130
+from datagen.errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, DatagenError
 
 
 def _plural(noun: str, n: int) -> str:
@@ -28,9 +28,9 @@ def _plural(noun: str, n: int) -> str:
 
 
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
-    from datagen.run import driver as runner
+    from datagen import run as runner
     from datagen.console import LiveProgress, summary_table, where_line
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import create_store, open_store
 
     out = Console()
     err = Console(stderr=True, quiet=quiet)  # progress: silenced by --quiet
@@ -42,7 +42,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     stream, fingerprint = runner.prepare(job)
     root = job.output.path
     if resume:
-        store = ShardStore.open(root, job.output, for_writing=True)
+        store = open_store(root, job.output, for_writing=True)
         try:
             changed = runner.continue_run(job, stream, store)
             if changed:  # the next plain `datagen resume` goes on with these settings
@@ -53,7 +53,7 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
         for line in changed:
             warn.print(f"resuming with {line}", soft_wrap=True, highlight=False, markup=False)
     else:
-        store = ShardStore.create(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
+        store = create_store(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
     prompt_lines = _write_prompts_report(stream, store)
     gc.freeze()  # the plan, the seeds and the modules live as long as the run: out of the collector's way
     try:
@@ -118,10 +118,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from datagen.config import load_job, parse_job
-    from datagen.storage.shards import JOB_FILE, ShardStore
+    from datagen.storage import open_store
+    from datagen.storage.shards import JOB_FILE
 
     root = _output_arg(args.output_dir)
-    meta = ShardStore.open(root).job_meta()  # clear errors for a non-output or a damaged one
+    meta = open_store(root).job_meta()  # clear errors for a non-output or a damaged one
     derived = next((k for k in ("export", "dedupe") if k in meta), None)
     if derived:
         raise DatagenError(f"{root} is a derived dataset (made by `datagen {derived}`), not a run; "
@@ -138,7 +139,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from datagen.run import driver as runner
+    from datagen import run as runner
     from datagen.config import load_job
 
     job = load_job(args.job, output=args.output)
@@ -207,9 +208,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from datagen.console import inspect_output
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import open_store
 
-    store = ShardStore.open(_output_arg(args.output_dir))
+    store = open_store(_output_arg(args.output_dir))
     inspect_output(store, Console(), rows=args.rows, stream=args.stream, as_json=args.json)
     return 0
 
@@ -232,10 +233,10 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
 
     from datagen.config import Dedupe, format_validation_error
     from datagen.dedupe.view import dedupe
-    from datagen.storage.shards import ShardStore
+    from datagen.storage import open_store
 
     src = _output_arg(args.output_dir, command="dedupe")
-    job = (ShardStore.open(src).job_meta().get("job") or {})
+    job = (open_store(src).job_meta().get("job") or {})
     settings = dict(job.get("dedupe") or {})
     for key in ("on", "threshold", "num_perm", "shingle", "ngram", "verify"):
         if getattr(args, key) is not None:

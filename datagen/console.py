@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from datagen import records
-from datagen.run.driver import RunStats
+from datagen.run.stats import RunStats
 from datagen.storage.shards import ShardStore
 
 

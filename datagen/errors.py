@@ -2,8 +2,14 @@
 
 ``DatagenError`` carries a one-line message meant for the person at the terminal: the
 CLI prints it as ``error: <message>`` and exits non-zero, without a traceback. Anything
-else that escapes is a bug and keeps its traceback.
+else that escapes is a bug and keeps its traceback. The exit codes every verb shares
+are here too.
 """
+
+EXIT_ERROR = 1  # a DatagenError
+EXIT_USAGE = 2  # a bad command line (argparse's own)
+EXIT_FAILED_ROWS = 3  # the run finished, but some rows failed at the teacher
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C / SIGTERM; what was committed is kept
 
 
 class DatagenError(Exception):

@@ -30,7 +30,9 @@ import yaml
 
 from datagen.errors import OutputError
 from datagen.licenses import CLASSES, Registry, binding
-from datagen.storage.shards import ShardStore, build_store
+from datagen.storage import open_store
+from datagen.storage.derived import build_store
+from datagen.storage.shards import ShardStore
 
 
 @dataclass
@@ -58,7 +60,7 @@ def export(src: Path, dest: Path, *, license_class: str | None = None, allow: li
         license_class = "permissive"
     if dest.exists():
         raise OutputError(f"export destination exists: {dest}; choose a new path")
-    store = ShardStore.open(src)
+    store = open_store(src)
     meta = store.job_meta()
     registry = Registry.for_job(meta.get("job") or {})
 

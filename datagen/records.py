@@ -252,6 +252,25 @@ def decode_top(top_q: Any) -> Any:
     return [dequantize_logprobs(r) for r in rows]
 
 
+def decide(verdicts: list[dict[str, Any]]) -> tuple[bool, str | None]:
+    """(keep, reason) of a row's verdicts (``Verdict.to_dict``): kept when every verdict
+    keeps; the reason is the first drop's. The one place this is decided."""
+    for v in verdicts:
+        if not v["keep"]:
+            return False, v["reason"]
+    return True, None
+
+
+def reason(row: dict[str, Any], stream: str) -> str | None:
+    """Why ``row`` is in ``stream``: a failed row's error code, a rejected row's first drop;
+    None for an accepted row. What the run's summary and the manifest's counts say."""
+    if stream == "failed":
+        return (row.get("error") or "error.unknown").split(":", 1)[0]
+    if stream == "rejected":
+        return decide(row.get("verdicts") or [])[1] or "rejected.unknown"
+    return None
+
+
 def empty_row() -> dict[str, Any]:
     return dict.fromkeys(FIELDS)
 

@@ -1,4 +1,6 @@
-"""Which replica gets the next batch when a replica may have died with its work.
+"""Ray actors that may die with their work: which replica gets the next batch, and what
+counts as work lost (as opposed to an error the code raised). Used by every actor pool:
+the teacher fleet, the filter pool, the streaming dedupe index.
 
 Ray restarts a dead actor (``max_restarts``) and re-runs the tasks it held
 (``max_task_retries``), so a killed actor process costs the driver nothing but time.
@@ -7,14 +9,14 @@ What does reach the driver is work Ray gave up on: the actor's node vanished
 died more often than its retries allow, or a result was lost with the node that held
 it. The driver then runs the batch again under the same row ids, so a row is still
 counted once: a teacher's batch as any batch, or alone on one replica if its actor
-died on each of Ray's tries (``runner._Actors.lost``: a prompt that kills its engine
+died on each of Ray's tries (``teachers.fleet.TeacherFleet.lost``: a prompt that kills its engine
 must not take other work down with it again); a filter batch at most
 ``BATCH_MAX_REQUEUES`` times. And it pings the replica that lost it.
 The replica gets no work until the ping answers (Ray restarted it, maybe
 on another node); while the cluster has not noticed the loss a ping fails fast, and is
 sent again a second later; once Ray reports the actor dead for good, it gets no more
 work: the driver starts a new actor in its place if it had answered a batch
-(``runner._Actors._renew``). When no replica is left, the run stops.
+(``TeacherFleet._renew``). When no replica is left, the run stops.
 
 Not covered: a replica that Ray can never place again (no node has the resources it
 asks for) stays "restarting", and its batches wait for another replica, or forever if
@@ -28,9 +30,9 @@ from typing import Any
 
 from datagen.errors import DatagenError
 
+# Ray restarts a dead actor (teacher, filter) this often in its life, re-running its tasks as often.
+ACTOR_MAX_RESTARTS = 3
 BATCH_MAX_REQUEUES = 3
-# vLLM's offline max_num_seqs on CPU and most GPUs (H100/H200: 1024), until an engine reports its own
-VLLM_DEFAULT_SEQS = 256
 REPING_S = 1.0  # a ping that failed fast (the node's loss not yet noticed) is sent again this often
 
 
@@ -42,24 +44,6 @@ def lost_work_errors() -> tuple[type[BaseException], ...]:
     e = ray.exceptions
     # OutOfMemoryError: Ray's memory monitor killed the worker to save its node.
     return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError, e.OutOfMemoryError)
-
-
-def slots(teacher: Any, inflight_per_actor: int, serves: int | None = None) -> int:
-    """Batches the driver keeps on one replica of ``teacher``: ``inflight_per_actor``, or
-    more when the backend serves more rows at once than that many batches hold (an API
-    replica's share of ``max_concurrency``; an async vLLM engine's ``max_num_seqs``),
-    plus one batch, so the backend is still full while a finished batch travels back.
-    (At 16 rows a batch and 2 slots, an H100 engine that batches 256-1024 sequences would
-    otherwise decode 32 at a time.) ``serves``: the sequences a started engine reported it
-    batches (its ``info()["max_num_seqs"]``, vLLM's default resolved on its own hardware);
-    without it, the config's ``max_num_seqs`` or vLLM's CPU default."""
-    if teacher.backend == "openai":
-        serves = teacher.for_replica(0).max_concurrency  # the largest share
-    elif teacher.engine.batching == "async":
-        serves = serves or teacher.engine.max_num_seqs or VLLM_DEFAULT_SEQS
-    else:
-        serves = 0  # offline: LLM.generate runs one batch at a time
-    return max(inflight_per_actor, -(-serves // teacher.batch_size) + 1)
 
 
 class ReplicasLost(DatagenError):

@@ -31,8 +31,7 @@ for the context, empty) goes to the ``failed`` stream with its reason.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,9 +39,13 @@ from typing import Any, Iterator
 from pydantic import TypeAdapter, ValidationError
 
 from datagen import records
-from datagen.config import Output, Runtime, VLLMTeacher, format_validation_error, read_yaml, teacher_identity
-from datagen.errors import ConfigError, DatagenError, remote_cause
-from datagen.storage.shards import ShardStore, resumable_build
+from datagen.config import Output, Runtime
+from datagen.teachers.spec import SPECS, VLLMTeacher, teacher_identity
+from datagen.validation import format_validation_error, read_yaml
+from datagen.errors import ConfigError, DatagenError
+from datagen.storage import open_store
+from datagen.storage.derived import resumable_build
+from datagen.storage.shards import ShardStore
 
 
 @dataclass
@@ -54,7 +57,7 @@ class RescoreResult:
     failed: Counter = field(default_factory=Counter)
     resumed: int = 0  # rows a killed or interrupted earlier call had already scored
     redone: int = 0  # batches sent again after their actor or node died under them
-    renewed: int = 0  # replicas started anew after Ray gave up on them (runner._Actors._renew)
+    renewed: int = 0  # replicas started anew after Ray gave up on them (TeacherFleet._renew)
     seconds: float = 0.0
 
 
@@ -63,7 +66,8 @@ def load_teacher(path: Path) -> VLLMTeacher:
     data = read_yaml(path, what="teacher file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a teacher file must be one mapping (name, backend, model, ...)")
-    if data.get("backend") != "vllm":
+    spec = SPECS.get(data.get("backend"))  # type: ignore[arg-type]
+    if spec is None or not spec.rescores:
         raise ConfigError(f"{path}: backend: re-scoring needs a self-hosted vLLM teacher (backend: vllm), "
                           f"got {data.get('backend')!r}")
     try:
@@ -79,10 +83,10 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             inflight_per_actor: int = 2, commit_every_s: float = 60.0) -> RescoreResult:
     import ray
 
-    from datagen.replicas import lost_work_errors
-    from datagen.run.driver import _Actors, _StopFlag, died_alone, init_ray
+    from datagen.run.cluster import StopFlag, init_ray
+    from datagen.teachers.fleet import TeacherFleet, TeacherLost, TeacherRaised
 
-    store = ShardStore.open(src)
+    store = open_store(src)
     dest = dest or src / "rescored"
     k = teacher.sampling.logprobs
     lid = _terms(store, teacher)
@@ -90,94 +94,66 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
     started = time.perf_counter()
     src_meta = store.job_meta()
     # What the rows' log-probs depend on: a half-finished re-score continues only under it,
-    # whatever its replicas, batch size or engine memory (config.OPERATIONAL_*).
+    # whatever its replicas, batch size or engine memory (teachers.spec.OPERATIONAL_*).
     meta = {**{key: v for key, v in src_meta.items() if key != "rescore"},
             "rescore": {"source": str(src), "teacher": teacher_identity(teacher.model_dump(mode="json")), "k": k}}
     output = Output(path=dest, shard_rows=50_000, commit_every_s=commit_every_s)
-    with resumable_build(dest, meta, key="rescore", output=output) as out, _StopFlag() as stop:
+    with resumable_build(dest, meta, key="rescore", output=output) as out, StopFlag() as stop:
         done = out.row_ids(("accepted", "failed"))
         res.resumed = len(done)
         started_ray = init_ray(runtime or Runtime())
         try:
-            actors = _Actors(_OneTeacher(teacher), startup_timeout_s=teacher_startup_s(runtime))
-            if not actors.wait_started(teacher_startup_s(runtime), lambda: stop.set):
+            # work items: (row, request); sent to TeacherActor.rescore
+            fleet = TeacherFleet([teacher], startup_timeout_s=teacher_startup_s(runtime), limit=inflight_per_actor,
+                                 call=lambda actor, work, opts: (actor.rescore.options(**opts) if opts
+                                                                 else actor.rescore).remote([q for _, q in work], k=k),
+                                 key=lambda item: item[0]["row_id"])
+            if not fleet.wait_started(teacher_startup_s(runtime), lambda: stop.set):
                 raise _interrupted(out, res)
-            info = actors.info[teacher.name]
+            info = fleet.info[teacher.name]
             tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
-            # each in flight: (actor, [(row, request), ...])
-            inflight: dict[Any, tuple[Any, list[tuple[dict[str, Any], dict[str, Any]]]]] = {}
-            # Lost with a replica, to send again: as any batch, or alone (``_Actors.lost``), as a run does.
-            again: deque[list[tuple[dict[str, Any], dict[str, Any]]]] = deque()
-            suspects = actors.suspects[teacher.name]
             todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
             batches = _batches(todo, teacher.batch_size)
             exhausted = False
-
-            def send(actor: Any, work: list[tuple[dict[str, Any], dict[str, Any]]], **options: Any) -> None:
-                method = actor.rescore.options(**options) if options else actor.rescore
-                inflight[method.remote([req for _, req in work], k=k)] = (actor, work)
-                actors.load[actor] += 1
-
-            def replica(pick: Callable[[], Any]) -> Any:
-                try:
-                    return pick()
-                except DatagenError:
-                    raise DatagenError(f"re-scoring teacher {teacher.name!r}: every replica died and Ray did "
-                                       f"not restart it; {_kept(out, res)}") from None
-
-            while True:
-                if not stop.set and (suspect := replica(lambda: actors.suspect(teacher.name))) is not None:
-                    send(*suspect, max_task_retries=0)
-                while (again or not exhausted) and not stop.set:
-                    if (actor := replica(lambda: actors.free(teacher.name, inflight_per_actor))) is None:
+            try:
+                while True:
+                    if not stop.set:
+                        fleet.resend()  # work lost with a replica: alone, or as any batch, as a run does
+                    while not exhausted and not stop.set and (actor := fleet.free(teacher.name)) is not None:
+                        rows = next(batches, None)
+                        if rows is None:
+                            exhausted = True
+                            break
+                        fleet.send(actor, teacher.name,
+                                   [(r, _request(r, info["tokenizer_fingerprint"], res)) for r in rows])
+                    if not fleet.inflight:
+                        # work left, and every replica that could take it is down
+                        if (fleet.owes() or not exhausted) and not stop.set:
+                            fleet.liveness.wait(1.0)
+                            continue
                         break
-                    if again:
-                        send(actor, again.popleft())
+                    ready, _ = ray.wait(list(fleet.inflight), num_returns=1, timeout=1.0)
+                    if not ready or (answer := fleet.collect(ready[0])) is None:
                         continue
-                    rows = next(batches, None)
-                    if rows is None:
-                        exhausted = True
-                        break
-                    send(actor, [(r, _request(r, info["tokenizer_fingerprint"], res)) for r in rows])
-                if not inflight:
-                    # work left, and every replica that could take it is down
-                    if (suspects or again or not exhausted) and not stop.set:
-                        actors.liveness.wait(1.0)
-                        continue
-                    break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-                if not ready:
-                    continue
-                actor, work = inflight.pop(ready[0])
-                actors.load[actor] -= 1
-                try:
-                    gens = ray.get(ready[0])
-                except lost_work_errors() as exc:
-                    # Its actor or node died and Ray's own retries ran out: the rows are
-                    # scored again, maybe alone, as in a run; one that killed its replica alone fails.
-                    res.redone += 1
-                    lost_again, culprit = actors.lost(actor, teacher.name, work, work[0][0]["row_id"], exc)
-                    if lost_again:
-                        again.append(lost_again)
-                    if culprit is None:
-                        continue
-                    work, gens = [culprit], [died_alone(culprit[0]["row_id"], exc)]
-                except ray.exceptions.RayError as exc:
-                    raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {remote_cause(exc)}; "
-                                       f"{_kept(out, res)}") from None
-                else:
-                    actors.returned(actor, teacher.name)
-                for (row, _), g in zip(work, gens):
-                    _apply(row, g, info, tag)
-                    row["license"] = {**row["license"], "logprobs": lid}
-                    if g["error"]:
-                        res.failed[g["error"].split(":", 1)[0]] += 1
-                        out.add("failed", row)
-                    else:
-                        res.rows += 1
-                        out.add("accepted", row)
-                out.commit_due()
-            res.renewed = sum(actors.renewed.values())
+                    for (row, _), g in zip(answer.work, answer.results):
+                        _apply(row, g, info, tag)
+                        row["license"] = {**row["license"], "logprobs": lid}
+                        if g["error"]:
+                            res.failed[g["error"].split(":", 1)[0]] += 1
+                            out.add("failed", row)
+                        else:
+                            res.rows += 1
+                            out.add("accepted", row)
+                    out.commit_due()
+            except TeacherRaised as exc:
+                raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {exc.cause}; "
+                                   f"{_kept(out, res)}") from None
+            except TeacherLost:
+                raise DatagenError(f"re-scoring teacher {teacher.name!r}: every replica died and Ray did "
+                                   f"not restart it; {_kept(out, res)}") from None
+            finally:
+                res.redone = fleet.redone
+            res.renewed = sum(fleet.renewed.values())
             if stop.set:
                 raise _interrupted(out, res)
         finally:
@@ -219,13 +195,6 @@ def _terms(store: ShardStore, teacher: VLLMTeacher) -> str:
 
 def teacher_startup_s(runtime: Runtime | None) -> float:
     return (runtime or Runtime()).startup_timeout_s
-
-
-class _OneTeacher:
-    """The slice of a Job that ``runner._Actors`` reads: one teacher."""
-
-    def __init__(self, teacher: VLLMTeacher):
-        self.teachers = [teacher]
 
 
 def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

@@ -22,11 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen.run import driver as runner
+from datagen import run as runner
 from datagen.config import Dedupe, parse_job
 from datagen.errors import DatagenError
 from datagen.records import STREAMS
 from datagen.storage.shards import ShardStore
+from datagen.teachers import fleet
+from datagen.teachers.fleet import TeacherFleet
 from datagen.testing.fake_openai import FakeOpenAIServer
 
 from .conftest import datagen, write_job
@@ -130,9 +132,9 @@ def _kill_a_teacher_past_its_restarts(proc, *, then_wait_for_a_new_one: bool = F
     restart; then, if asked, for the actor the driver starts in its place."""
     seen = set(_wait_for(lambda: _actor_pids(proc, "TeacherActor"), proc, "teacher actors"))
     victim = min(seen)
-    for kill in range(runner.ACTOR_MAX_RESTARTS + 1):
+    for kill in range(fleet.ACTOR_MAX_RESTARTS + 1):
         os.kill(victim, signal.SIGKILL)
-        if kill < runner.ACTOR_MAX_RESTARTS or then_wait_for_a_new_one:
+        if kill < fleet.ACTOR_MAX_RESTARTS or then_wait_for_a_new_one:
             victim = _wait_for(lambda: set(_actor_pids(proc, "TeacherActor")) - seen, proc, "restarted teacher").pop()
             seen.add(victim)
 
@@ -238,7 +240,7 @@ def test_a_prompt_that_kills_its_engine_fails_alone_and_the_run_goes_on(tmp_path
     # Ray's own tries on the batch (1 + its retries), then the batch alone, then the row
     # alone. (More if Ray reported a death as the actor "unavailable": the batch is then
     # first sent again as any batch, up to Ray's tries once more.)
-    tries = 1 + runner.ACTOR_MAX_TASK_RETRIES
+    tries = 1 + fleet.ACTOR_MAX_TASK_RETRIES
     assert tries + 2 <= served <= 2 * tries + 2, served
     assert re.search(r"redone after an actor or node died: .*\d+ teacher batch", res.stderr), res.stderr
     assert re.search(r"\d+ new teacher replica", res.stderr), res.stderr
@@ -251,19 +253,17 @@ def test_a_prompt_that_kills_its_engine_fails_alone_and_the_run_goes_on(tmp_path
 
 
 def test_suspects_run_alone_on_a_held_replica_which_takes_work_again_after_them(local_ray, server):
-    """``_Actors``' bookkeeping for lost work, on a real actor: work lost with a node is
+    """``TeacherFleet``'s bookkeeping for lost work, on a real actor: work lost with a node is
     sent again as any batch the first time, and is a suspect the second; work whose
     actor died is a suspect at once. Suspects run one at a time on a held replica that
     gets no other work; a batch lost alone comes back row by row, a row lost alone is
     the culprit, and then the replica takes work again (also when the culprit was the
     last suspect)."""
-    from types import SimpleNamespace
-
     from datagen.config import OpenAITeacher
 
     cfg = OpenAITeacher.model_validate({"name": "fake", "backend": "openai", "model": "fake",
                                         "base_url": server.base_url, "timeout_s": 10})
-    actors = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    actors = TeacherFleet([cfg])
     assert actors.wait_started(60, lambda: False)
     (actor,) = actors.by_teacher["fake"]
     died = local_ray.exceptions.ActorDiedError()
@@ -299,17 +299,15 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     that dies too the teacher has no replica left and the driver says so; dead after
     answering one -> a new actor takes its place and answers, unless it misses the
     start-up time-out."""
-    from types import SimpleNamespace
-
     from datagen.config import OpenAITeacher
 
-    monkeypatch.setattr(runner, "ACTOR_MAX_RESTARTS", 0)  # Ray gives up at the first death
+    monkeypatch.setattr(fleet, "ACTOR_MAX_RESTARTS", 0)  # Ray gives up at the first death
     cfg = OpenAITeacher.model_validate({"name": "fake", "backend": "openai", "model": "fake",
                                         "base_url": server.base_url, "timeout_s": 10})
     ask = "Where is my blender, order 12345?"
     batch = [{"row_id": "r0", "messages": [{"role": "user", "content": ask}], "seed": 1}]
 
-    def lose(actors, actor):  # as runner._drive does with a batch whose actor died
+    def lose(actors, actor):  # as TeacherFleet.collect does with a batch whose actor died
         with pytest.raises(local_ray.exceptions.RayActorError) as exc:
             local_ray.get(actor.generate.remote(batch))
         assert actors.lost(actor, "fake", batch, "r0", exc.value) == (None, None)  # a suspect, not a culprit
@@ -321,7 +319,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
             actors.liveness.wait(0.5)
         return actor
 
-    fresh = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    fresh = TeacherFleet([cfg])
     assert fresh.wait_started(60, lambda: False)
     (actor,) = fresh.by_teacher["fake"]
     local_ray.kill(actor, no_restart=True)
@@ -334,7 +332,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
         free(fresh)
     assert fresh.renewed["fake"] == 1
 
-    worked = runner._Actors(SimpleNamespace(teachers=[cfg]))
+    worked = TeacherFleet([cfg])
     assert worked.wait_started(60, lambda: False)
     (actor,) = worked.by_teacher["fake"]
     assert local_ray.get(actor.generate.remote(batch))[0]["error"] is None
@@ -345,7 +343,7 @@ def test_a_replica_that_never_answered_is_not_started_anew(local_ray, server, mo
     assert new is not actor and worked.by_teacher["fake"] == [new] and worked.renewed["fake"] == 1
     assert local_ray.get(new.generate.remote(batch))[0]["error"] is None
 
-    late = runner._Actors(SimpleNamespace(teachers=[cfg]), startup_timeout_s=0)  # no new actor starts that fast
+    late = TeacherFleet([cfg], startup_timeout_s=0)  # no new actor starts that fast
     assert late.wait_started(60, lambda: False)
     (actor,) = late.by_teacher["fake"]
     local_ray.get(actor.generate.remote(batch))

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from datagen.run import driver as runner
+from datagen import run as runner
 from datagen.config import Job, job_schema, load_job
 from datagen.errors import DatagenError
 

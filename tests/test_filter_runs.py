@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datagen.run import driver as runner
+from datagen import run as runner
 from datagen.config import load_job, parse_job
 from datagen.errors import DatagenError
 from datagen.storage.shards import ShardStore

@@ -2,8 +2,9 @@
 
 * No import cycles among datagen's modules, counting imports inside functions too (a lazy
   import that closes a cycle is still a cycle a reader has to untangle). Importing
-  ``a.b.c`` depends on ``a.b.c`` and runs ``a.b``'s ``__init__``, so it counts as an edge
-  to both, except to a package the importer sits in.
+  ``a.b.c`` depends on ``a.b.c`` and runs ``a.b``'s ``__init__`` first, so it counts as an
+  edge to both, except to a package the importer sits in (already running); a name taken
+  from a package's ``__init__`` (``from a.b import f``) is an edge to it wherever it is.
 * No module over ``MAX_LINES`` lines unless its docstring says why in a line that starts
   with ``Long:``.
 
@@ -42,23 +43,26 @@ def import_graph() -> dict[str, set[str]]:
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                targets = [known(a.name) for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     parts = package.split(".")
                     base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
+                # ``from a.b import c``: the module a.b.c if there is one, else a name in a.b
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else known(base) for a in node.names]
             else:
                 continue
-            for name in names:
-                if not name.startswith("datagen"):
+            for target in targets:
+                if not target or not target.startswith("datagen"):
                     continue
-                target = known(name)
-                while target:  # the module and the packages above it whose __init__ runs
-                    if target != mod and not mod.startswith(target + "."):
-                        graph[mod].add(target)
-                    target = target.rpartition(".")[0] or None
+                if target != mod:
+                    graph[mod].add(target)  # what it names, even its own package's __init__
+                parent = target.rpartition(".")[0]
+                while parent:  # the packages whose __init__ runs first, but its own
+                    if parent != mod and not mod.startswith(parent + "."):
+                        graph[mod].add(parent)
+                    parent = parent.rpartition(".")[0]
     return graph
 
 

@@ -11,7 +11,8 @@ import pytest
 from datagen.config import Output
 from datagen.errors import ConfigError, OutputError
 from datagen.storage.objstore import ObjectShardStore
-from datagen.storage.shards import LOCK_FILE, MANIFEST, ShardStore
+from datagen.storage import create_store, open_store
+from datagen.storage.shards import LOCK_FILE, MANIFEST
 from datagen.testing.s3 import MotoS3
 from datagen.storage.verify import verify
 
@@ -53,14 +54,14 @@ def objects(s3, prefix: str) -> dict[str, bytes]:
 
 def test_shards_round_trip_through_the_manifest(s3env, request):
     url = s3env.url(request.node.name)
-    store = ShardStore.create(url, output(url, shard_rows=10), job_meta=META)
+    store = create_store(url, output(url, shard_rows=10), job_meta=META)
     assert isinstance(store, ObjectShardStore)
     for i in range(25):
         store.add("accepted", row(i))
     store.commit_all()
     store.close()
 
-    back = ShardStore.open(url)
+    back = open_store(url)
     ids = back.read("accepted", columns=["row_id"]).column("row_id").to_pylist()
     assert ids == [f"id{i:06d}" for i in range(25)]
     assert [s["rows"] for s in back.manifest.shards] == [10, 10, 5]
@@ -79,7 +80,7 @@ def test_shards_round_trip_through_the_manifest(s3env, request):
 
 def test_readers_ignore_uncommitted_objects_and_resume_sweeps_them(s3env, request):
     url = s3env.url(request.node.name)
-    store = ShardStore.create(url, output(url), job_meta=META)
+    store = create_store(url, output(url), job_meta=META)
     for i in range(5):
         store.add("accepted", row(i))
     store.commit_all()
@@ -93,11 +94,11 @@ def test_readers_ignore_uncommitted_objects_and_resume_sweeps_them(s3env, reques
     store.close()
 
     assert orphan in objects(s3env, request.node.name)
-    reader = ShardStore.open(url)
+    reader = open_store(url)
     assert reader.read("accepted").num_rows == 5
     rep = verify(url)
     assert rep.ok and any(orphan in n for n in rep.notes)
-    resumed = ShardStore.open(url, output(url), for_writing=True)
+    resumed = open_store(url, output(url), for_writing=True)
     resumed.close()
     assert orphan not in objects(s3env, request.node.name)
     assert verify(url).notes == []
@@ -105,11 +106,11 @@ def test_readers_ignore_uncommitted_objects_and_resume_sweeps_them(s3env, reques
 
 def test_a_second_writer_is_refused_until_the_lease_is_released(s3env, request):
     url = s3env.url(request.node.name)
-    first = ShardStore.create(url, output(url), job_meta=META)
+    first = create_store(url, output(url), job_meta=META)
     with pytest.raises(OutputError, match="another datagen process is writing"):
-        ShardStore.open(url, output(url), for_writing=True)
+        open_store(url, output(url), for_writing=True)
     first.close()
-    ShardStore.open(url, output(url), for_writing=True).close()
+    open_store(url, output(url), for_writing=True).close()
 
 
 def test_a_dead_writers_lease_on_this_host_is_taken_over(s3env, request):
@@ -118,7 +119,7 @@ def test_a_dead_writers_lease_on_this_host_is_taken_over(s3env, request):
     import sys
 
     url = s3env.url(request.node.name)
-    ShardStore.create(url, output(url), job_meta=META).close()
+    create_store(url, output(url), job_meta=META).close()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     fs = s3env.filesystem()
     with fs.open_output_stream(f"{s3env.bucket}/{request.node.name}/{LOCK_FILE}") as f:
@@ -126,12 +127,12 @@ def test_a_dead_writers_lease_on_this_host_is_taken_over(s3env, request):
 
         f.write(json.dumps({"token": "crashed", "host": socket.gethostname(), "pid": int(dead.stdout),
                             "renewed_at": time.time()}).encode())
-    ShardStore.open(url, output(url), for_writing=True).close()
+    open_store(url, output(url), for_writing=True).close()
 
 
 def test_a_writer_that_lost_its_lease_commits_nothing(s3env, request):
     url = s3env.url(request.node.name)
-    store = ShardStore.create(url, output(url), job_meta=META)
+    store = create_store(url, output(url), job_meta=META)
     store.add("accepted", row(1))
     store.commit_all()
     before = objects(s3env, request.node.name)[MANIFEST]
@@ -150,11 +151,11 @@ def test_a_writer_that_lost_its_lease_commits_nothing(s3env, request):
 
 def test_create_refuses_a_used_prefix_and_bad_urls(s3env, request):
     url = s3env.url(request.node.name)
-    ShardStore.create(url, output(url), job_meta=META).close()
+    create_store(url, output(url), job_meta=META).close()
     with pytest.raises(OutputError, match="already holds a datagen run"):
-        ShardStore.create(url, output(url), job_meta=META)
+        create_store(url, output(url), job_meta=META)
     with pytest.raises(OutputError, match="not a datagen output"):
-        ShardStore.open(s3env.url("nothing-here"))
+        open_store(s3env.url("nothing-here"))
     with pytest.raises(Exception, match="s3://bucket/prefix"):
         Output.model_validate({"path": "s3://KEY:SECRET@bucket/x"})
     with pytest.raises(Exception, match="unknown field|Extra inputs"):
@@ -184,7 +185,7 @@ def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     env = {"FAKE_TEACHER_KEY": "sk-teacher-secret-value"}
     res = datagen("run", str(job), "--output", url, "--quiet", env=env)
     assert res.returncode == 0, res.stderr
-    store = ShardStore.open(url)
+    store = open_store(url)
     assert len(store.row_ids()) == 20
     assert store.job_meta()["job"]["output"]["path"] == url
     stored = objects(s3, "cli-run")
@@ -231,7 +232,7 @@ def test_killed_run_on_s3_resumes_to_exactly_the_expected_rows(tmp_path, s3env, 
 
     def committed() -> int:
         try:
-            counts = ShardStore.open(url).manifest.counts()
+            counts = open_store(url).manifest.counts()
         except OutputError:
             return 0
         return counts["accepted"] + counts["rejected"]
@@ -244,13 +245,13 @@ def test_killed_run_on_s3_resumes_to_exactly_the_expected_rows(tmp_path, s3env, 
     os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all: the lease object stays behind
     proc.wait()
     assert LOCK_FILE in objects(s3env, "killed-run")
-    before = ShardStore.open(url).row_ids()
+    before = open_store(url).row_ids()
     assert 8 <= len(before) < 40
 
     fake_server.clear()
     res = datagen("resume", url, "--quiet")  # same host, dead pid: the stale lease is taken over
     assert res.returncode == 0, res.stderr
-    store = ShardStore.open(url)
+    store = open_store(url)
     ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
     assert len(ids) == len(set(ids)) == 40
     assert set(ids) == expected_ids(job) and before <= set(ids)

@@ -80,7 +80,8 @@ def test_two_replicas_keep_to_the_teachers_request_budget(tmp_path, fake_server)
 
 def test_slots_fill_what_the_backend_serves_at_once():
     from datagen.config import OpenAITeacher, VLLMTeacher
-    from datagen.replicas import VLLM_DEFAULT_SEQS, slots
+    from datagen.teachers.fleet import slots
+    from datagen.teachers.spec import VLLM_DEFAULT_SEQS
 
     api = {"name": "a", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
     # 256 in flight over 2 replicas at 16 rows a batch: 8 batches fill a replica, 1 spare.

@@ -39,7 +39,7 @@ class Probe:
 
 
 def test_tensor_parallel_engine_gets_one_packed_group_of_gpu_bundles(emulated_gpus):
-    from datagen.run.driver import placement_for, placement_options
+    from datagen.teachers.fleet import placement_for, placement_options
 
     t = _teacher(tp=2)
     group = placement_for(t)
@@ -53,7 +53,7 @@ def test_tensor_parallel_engine_gets_one_packed_group_of_gpu_bundles(emulated_gp
 
 def test_groups_beyond_the_cluster_stay_pending(emulated_gpus):
     """Two TP=2 engines fit 4 GPUs; a third waits (the runner's startup timeout names it)."""
-    from datagen.run.driver import placement_for
+    from datagen.teachers.fleet import placement_for
 
     groups = [placement_for(_teacher(tp=2)) for _ in range(3)]
     ready, pending = ray.wait([g.ready() for g in groups], num_returns=3, timeout=10)
@@ -63,7 +63,7 @@ def test_groups_beyond_the_cluster_stay_pending(emulated_gpus):
 
 
 def test_pipeline_parallel_may_spread_over_nodes(emulated_gpus):
-    from datagen.run.driver import placement_for
+    from datagen.teachers.fleet import placement_for
 
     g = placement_for(_teacher(tp=2, pp=2))
     assert len(g.bundle_specs) == 4
@@ -99,17 +99,17 @@ class Priority:
 
 def test_teacher_actors_keep_the_normal_cpu_priority(emulated_gpus):
     """Ray lowers its worker processes to nice 15; a teacher actor (and the engine
-    processes it starts) must not be below the driver and Ray's daemons (runner._Actors)."""
+    processes it starts) must not be below the driver and Ray's daemons (TeacherFleet)."""
     from types import SimpleNamespace
 
     from datagen.config import OpenAITeacher
-    from datagen.run.driver import _Actors
+    from datagen.teachers.fleet import TeacherFleet
 
     assert ray.get(Priority.remote().nice.remote(), timeout=60) == 15  # Ray's default for workers
     api = OpenAITeacher.model_validate({"name": "api", "backend": "openai", "model": "m", "base_url": "http://x"})
     for t in (_teacher(tp=1), _teacher(tp=2), api):
         made = SimpleNamespace(groups=[])
-        opts = _Actors._options(made, t)
+        opts = TeacherFleet._options(made, t)
         assert ray.get(Priority.options(runtime_env=opts["runtime_env"]).remote().nice.remote(), timeout=60) == 0
         for group in made.groups:
             ray.util.remove_placement_group(group)

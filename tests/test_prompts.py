@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen.run import driver as runner
+from datagen import licenses
+from datagen import run as runner
 from datagen.config import load_job
 from datagen.errors import DatagenError
 from datagen.prompts import PromptStream, load_template
@@ -261,7 +262,7 @@ def test_seed_formats_give_the_same_prompts_and_carry_their_license(tmp_path: Pa
     reqs = list(stream)
     assert all(r.provenance["seed_source"] == str((tmp_path / src["path"]).resolve()) for r in reqs)
     # the license every row of this job will carry (runner.execute builds it from the spec)
-    assert runner.licenses.resolve_job(stream.job, template=stream.template) == {"a": "MIT"}
+    assert licenses.resolve_job(stream.job, template=stream.template) == {"a": "MIT"}
 
 
 def _bad_source(tmp: Path, fmt: str) -> tuple[dict[str, Any], str]:

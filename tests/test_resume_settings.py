@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datagen.run import driver as runner
-from datagen.config import VLLMTeacher, is_operational, job_changes, parse_job, teacher_identity
+from datagen import run as runner
+from datagen.config import VLLMTeacher, parse_job, teacher_identity
+from datagen.run.identity import is_operational, job_changes
 from datagen.errors import DatagenError
 from datagen.storage.shards import JOB_FILE, ShardStore
 

@@ -249,7 +249,7 @@ RESUMABLE_CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from tests.test_shards import row, output, META
-    from datagen.storage.shards import resumable_build
+    from datagen.storage.derived import resumable_build
     with resumable_build(Path(sys.argv[1]), dict(META, step={{"k": 5}}), key="step",
                          output=output(shard_rows=10)) as store:
         for i in range(25):
@@ -259,7 +259,7 @@ RESUMABLE_CHILD = textwrap.dedent("""
 
 
 def test_resumable_build_keeps_what_a_killed_build_committed_and_continues(tmp_path):
-    from datagen.storage.shards import resumable_build
+    from datagen.storage.derived import resumable_build
 
     dest, meta = tmp_path / "view", dict(META, step={"k": 5})
     script = tmp_path / "child.py"
@@ -284,7 +284,7 @@ def test_resumable_build_keeps_what_a_killed_build_committed_and_continues(tmp_p
 
 
 def test_resumable_build_commits_rows_received_before_an_error(tmp_path):
-    from datagen.storage.shards import resumable_build
+    from datagen.storage.derived import resumable_build
 
     dest, meta = tmp_path / "view", dict(META, step=1)
     with pytest.raises(RuntimeError):

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from datagen.teachers import TeacherActor
+from datagen.teachers.actor import TeacherActor
 
 
 class Backend:

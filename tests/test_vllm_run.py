@@ -65,7 +65,7 @@ def _teacher_actor_pids() -> list[int]:
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     """A run whose only engine actor is SIGKILLed after its first batch comes back."""
-    from datagen.run import driver as runner
+    from datagen import run as runner
 
     tmp = tmp_path_factory.mktemp("kill")
     job_path = _job(tmp)
@@ -197,11 +197,11 @@ def test_a_rescore_whose_engine_dies_sends_its_batches_again(killed_run, tmp_pat
     import time
 
     from datagen import rescore
-    from datagen.run import driver as runner
     from datagen.config import Runtime
     from datagen.storage.shards import MANIFEST, Manifest
+    from datagen.teachers import fleet
 
-    monkeypatch.setattr(runner, "ACTOR_MAX_TASK_RETRIES", 0)  # Ray's retries "ran out" at once
+    monkeypatch.setattr(fleet, "ACTOR_MAX_TASK_RETRIES", 0)  # Ray's retries "ran out" at once
     _, job, _, _, _ = killed_run
     src, dest = job.output.path, tmp_path / "rs"
     partial = tmp_path / ".rs.partial"
@@ -239,7 +239,7 @@ def test_a_hung_engine_is_killed_and_restarted_and_its_rows_still_come_once(tmp_
 
     import psutil
 
-    from datagen.run import driver as runner
+    from datagen import run as runner
 
     data = yaml.safe_load(_job(tmp_path).read_text())
     data["prompts"]["count"] = 32

@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 from datagen.dedupe import minhash
 from datagen.config import Dedupe
 from datagen.errors import OutputError
-from datagen.storage.shards import ShardStore, build_store
+from datagen.storage import open_store
+from datagen.storage.derived import build_store
+from datagen.storage.shards import ShardStore
 
 
 def row_text(messages: list[dict[str, str]], response: str | None, on: str) -> str:
@@ -53,7 +55,7 @@ class DedupeResult:
 
 def dedupe(src: Path, cfg: Dedupe, *, dest: Path | None = None, workers: int | None = None) -> DedupeResult:
     """Batch mode: cluster the committed accepted rows of ``src`` and write the view."""
-    store = ShardStore.open(src)
+    store = open_store(src)
     dest = dest or src / "dedupe"
     if dest.exists():  # checked again when the view is renamed into place; this saves the work
         raise OutputError(f"dedupe destination exists: {dest}; remove it or pass --to")

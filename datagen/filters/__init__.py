@@ -63,14 +63,6 @@ def spec_of(value: str | dict[str, Any] | FilterSpec) -> FilterSpec:
     return FILTERS[name].model_validate(data)
 
 
-def decide(verdicts: Sequence[Verdict]) -> tuple[bool, str | None]:
-    """(keep, reason): kept when every verdict keeps; the reason is the first drop's."""
-    for v in verdicts:
-        if not v.keep:
-            return False, v.reason
-    return True, None
-
-
 class FilterChain:
     """The job's filters, in order. ``run`` judges a batch: each filter sees the rows still
     alive (all rows when ``short_circuit`` is off), as one batch so it can run them

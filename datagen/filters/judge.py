@@ -60,8 +60,8 @@ class Judge(Filter):
         import jinja2
         from pydantic import TypeAdapter
 
-        from datagen.config import Teacher
         from datagen.teachers import build
+        from datagen.teachers.spec import Teacher
 
         teachers = (context or {}).get("teachers") or {}
         cfg = teachers.get(spec.teacher)

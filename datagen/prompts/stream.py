@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from datagen import records
@@ -42,8 +43,21 @@ class PromptStream:
         # before a teacher token is paid for. Iteration renders again, lazily, so memory
         # does not grow with the number of requests.
         self.plan: Plan = make_plan(self.template, job.prompts, job.seed)
-        self.run_fingerprint = run_fingerprint
-        self.stream_hash = ""  # the prompts' content, set by runner.prepare
+        self.run_fingerprint = run_fingerprint  # what rows carry in provenance (``run.identity``)
+        # teacher name -> license id of its terms, resolved by ``run.identity.prepare``
+        self.licenses: dict[str, str] | None = None
+
+    @cached_property
+    def stream_hash(self) -> str:
+        """The prompts' content: template, the seeds drawn, the plan, the eval sets screened
+        against. Part of the run fingerprint, so a changed seed file is a different run."""
+        t, plan = self.template, self.plan
+        return records.content_hash({
+            "template": t.spec.model_dump(mode="json", exclude={"seeds"}),
+            "seeds": [t.seeds.rows[i] for i in sorted({i for i, _ in plan.slots})],
+            "plan": [[t.seeds.ids[i], list(combo)] for i, combo in plan.slots],
+            "evals": plan.report.get("evals_digest"),
+        })
 
     @property
     def seeds(self) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Filters beside generation: a small pool of CPU Ray actors that judge rows while the
-teachers keep generating, and the budget that says when "enough" rows passed.
+teachers keep generating.
 
 The driver stays the one committer: it sends each teacher batch's rows to a filter actor
 and routes them (accepted / rejected) when the verdicts come back. A row waiting for its
@@ -18,9 +18,8 @@ from typing import Any
 
 from datagen.errors import DatagenError, remote_cause
 from datagen.filters import FilterChain
-from datagen.replicas import BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
+from datagen.replicas import ACTOR_MAX_RESTARTS, BATCH_MAX_REQUEUES, Liveness, ReplicasLost, lost_work_errors
 
-ACTOR_MAX_RESTARTS = 3
 # What a filter may read from a row; the rest (logprobs) stays in the driver.
 VIEW_FIELDS = ("row_id", "prompt_id", "sample_index", "messages", "response", "finish_reason", "teacher",
                "sampling", "usage")
@@ -33,11 +32,11 @@ def view(row: dict[str, Any], peers: dict[str, list[str]] | None = None) -> dict
     return v
 
 
-def filter_context(job: Any) -> dict[str, Any]:
+def filter_context(teachers: list[Any]) -> dict[str, Any]:
     """What filters may see of the job besides their params: the teachers' configs (env-var
     names of keys, never keys), for a judge. A filter actor's context adds ``worker``:
     its ``index`` among ``count`` actors."""
-    return {"teachers": {t.name: t.model_dump(mode="json") for t in job.teachers}}
+    return {"teachers": {t.name: t.model_dump(mode="json") for t in teachers}}
 
 
 class FilterWorker:
@@ -126,10 +125,11 @@ class FilterPool:
     at most ``slots`` batches; more wait in the driver's queue (``backlog`` rows), and the
     driver stops handing out teacher work while the backlog is over ``max_backlog``."""
 
-    def __init__(self, job: Any, answer: Any, *, slots: int = 2):
-        specs = [s.model_dump(mode="json") for s in job.filters]
+    def __init__(self, filters: list[Any], answer: Any, *, short_circuit: bool, context: dict[str, Any],
+                 actors: int, num_cpus: float = 0.0, slots: int = 2):
+        """``filters``: the job's filter specs, run in ``actors`` Ray actors (0: in the driver)."""
+        specs = [s.model_dump(mode="json") for s in filters]
         answer_json = answer.model_dump(mode="json")
-        context = filter_context(job)
         self.actors: list[Any] = []
         self.load: dict[Any, int] = {}
         self.slots = slots
@@ -137,17 +137,17 @@ class FilterPool:
         self.liveness = Liveness()  # actors that lost a batch (datagen/replicas.py)
         self.queue: deque[tuple[Pending, list[Any]]] = deque()
         self.local: FilterWorker | None = None
-        n = job.runtime.filter_actors
+        n = actors
         if n == 0:
-            self.local = FilterWorker(specs, answer_json, job.filter_short_circuit, context)
+            self.local = FilterWorker(specs, answer_json, short_circuit, context)
             return
         import ray
 
         remote = ray.remote(FilterWorker).options(
-            num_cpus=job.runtime.filter_num_cpus, max_restarts=ACTOR_MAX_RESTARTS,
+            num_cpus=num_cpus, max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=ACTOR_MAX_RESTARTS)
         # Each actor knows its place among the n: a judge takes its share of its teacher's budgets.
-        self.actors = [remote.remote(specs, answer_json, job.filter_short_circuit,
+        self.actors = [remote.remote(specs, answer_json, short_circuit,
                                      {**context, "worker": {"index": i, "count": n}}) for i in range(n)]
         self.load = {a: 0 for a in self.actors}
         self.max_backlog = n * slots * 4
@@ -216,62 +216,5 @@ class FilterFailed(DatagenError):
     """A filter (not the data) failed: the run stops; nothing is dropped or kept for it."""
 
 
-def decide(verdicts: list[dict[str, Any]]) -> tuple[bool, str | None]:
-    """(keep, reason): kept when every verdict keeps; the reason is the first drop's."""
-    for v in verdicts:
-        if not v["keep"]:
-            return False, v["reason"]
-    return True, None
-
-
-class Quota:
-    """``target_accepted`` and ``budget``, counted over the whole output so a resume
-    carries on where the last run stopped. The driver asks ``room()`` before it pulls a
-    prompt, and pulls none once ``stop_reason()`` says why."""
-
-    def __init__(self, job: Any, store: Any):
-        counts = store.manifest.counts()
-        self.target = job.target_accepted
-        self.max_rows, self.max_tokens = job.budget.max_rows, job.budget.max_tokens
-        self.accepted = counts["accepted"]
-        self.rows = counts["accepted"] + counts["rejected"] + store.unresolved_failures()
-        self.tokens = _committed_tokens(store) if self.max_tokens else 0
-        self.inflight = 0  # rows pulled from the prompt stream and not yet routed
-
-    def pulled(self) -> None:
-        self.inflight += 1
-        self.rows += 1
-
-    def landed(self, *, accepted: bool, tokens: int) -> None:
-        self.inflight -= 1
-        self.accepted += accepted
-        self.tokens += tokens
-
-    def stop_reason(self) -> str | None:
-        if self.target is not None and self.accepted >= self.target:
-            return "target_accepted"
-        if self.max_rows is not None and self.rows >= self.max_rows:
-            return "max_rows"
-        if self.max_tokens is not None and self.tokens >= self.max_tokens:
-            return "max_tokens"
-        return None
-
-    def room(self) -> bool:
-        """May one more prompt be pulled? With a target, only while the rows in flight
-        could still be needed: a full pipeline must not overshoot N by its whole depth."""
-        if self.stop_reason() is not None:
-            return False
-        return self.target is None or self.accepted + self.inflight < self.target
-
-
-def _committed_tokens(store: Any) -> int:
-    total = 0
-    for stream in ("accepted", "rejected", "failed"):
-        for usage in store.read(stream, columns=["usage"]).column("usage").to_pylist():
-            if usage:
-                total += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
-    return total
-
-
-__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups", "Quota", "decide",
+__all__ = ["FilterFailed", "FilterPool", "FilterWorker", "Pending", "PromptGroups",
            "filter_context", "view"]

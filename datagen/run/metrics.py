@@ -40,7 +40,7 @@ UPLOAD_EVERY_S = 60.0  # object stores: the least time between two uploads of th
 def bounds(job: Any, limit: dict[str, int] | None = None) -> dict[str, int]:
     """The most each queue may hold, from the job's settings (the driver enforces them);
     ``limit``: the batches the driver keeps per replica of each teacher, once known."""
-    from datagen.replicas import slots
+    from datagen.teachers.fleet import slots
 
     actors = sum(t.replicas for t in job.teachers)
     limit = limit or {}

@@ -3,3 +3,23 @@ an object store (``objstore.py``), re-hashing a store against its manifest (``ve
 
 ``open_store`` / ``create_store`` pick the store for a place: a local path or ``s3://``.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datagen.storage.objstore import ObjectShardStore
+from datagen.storage.shards import ShardStore, is_url
+
+
+def open_store(root: Path | str, output: Any = None, *, for_writing: bool = False) -> ShardStore:
+    """The store at ``root`` (its manifest must exist): to read, or to resume writing."""
+    cls = ObjectShardStore if is_url(root) else ShardStore
+    return cls.open(root, output, for_writing=for_writing)
+
+
+def create_store(root: Path | str, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
+    """A new, empty store at ``root`` (refused if one is there)."""
+    cls = ObjectShardStore if is_url(root) else ShardStore
+    return cls.create(root, output, job_meta=job_meta)

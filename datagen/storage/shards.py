@@ -24,6 +24,9 @@ writer (unique object names, the manifest PUT is the commit, a lease object inst
 ``flock``). Not covered: two drivers writing one directory at once (refused by a lock
 file, but only on filesystems where ``flock`` works); silent bit-rot after the commit
 (``verify`` catches it via the sha256, the reader does not re-hash on every open).
+
+Long: the writer, the manifest and the store are one commit protocol whose invariants
+are read together; derived stores are in ``derived.py``, object stores in ``objstore.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +36,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen import records
-from datagen.errors import DatagenError, OutputError
+from datagen.errors import OutputError
 
 MANIFEST = "manifest.json"
 JOB_FILE = "datagen-job.json"
@@ -197,17 +197,8 @@ def license_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def _summaries(table: pa.Table, stream: str) -> list[dict[str, Any]]:
     """What a shard's manifest entry needs of each row (``StreamWriter._shard_rows``)."""
     cols = ["row_id", "license"] + {"failed": ["error"], "rejected": ["verdicts"]}.get(stream, [])
-    return [{"row_id": r["row_id"], "license": r["license"], "reason": _reason(r, stream)}
+    return [{"row_id": r["row_id"], "license": r["license"], "reason": records.reason(r, stream)}
             for r in table.select(cols).to_pylist()]
-
-
-def _reason(row: dict[str, Any], stream: str) -> str | None:
-    if stream == "failed":
-        return (row.get("error") or "error.unknown").split(":", 1)[0]
-    if stream == "rejected":
-        dropped = [v for v in row.get("verdicts") or [] if not v["keep"]]
-        return dropped[0]["reason"] if dropped else "rejected.unknown"
-    return None
 
 
 class StreamWriter:
@@ -237,7 +228,7 @@ class StreamWriter:
             self._opened_at = time.monotonic()  # the commit timer runs from a shard's first row
         self._pending.append(row)
         self._shard_rows.append({"row_id": row["row_id"], "license": row.get("license"),
-                                 "reason": _reason(row, self.stream)})
+                                 "reason": records.reason(row, self.stream)})
         cfg = self.store.output
         if len(self._pending) >= cfg.row_group_rows:
             self._flush_row_group()
@@ -362,12 +353,18 @@ class StreamWriter:
         self._writer, self._tmp, self._pending, self._shard_rows = None, None, [], []
 
 
+def _local(cls: type, root: Any) -> None:
+    if cls is ShardStore and is_url(root):
+        raise OutputError(f"{root} is an object store: open it with datagen.storage.open_store "
+                          "(or create_store), which pick the store for a place")
+
+
 class ShardStore:
     """One output directory. ``create`` for a new run, ``open`` to resume or read.
 
-    ``root`` may also be an object-store URL (``s3://bucket/prefix``): ``create`` and
-    ``open`` then return a ``datagen.storage.objstore.ObjectShardStore``, same interface, with
-    the commit protocol for a store that has no rename."""
+    An object-store URL (``s3://bucket/prefix``) is ``storage.objstore.ObjectShardStore``'s,
+    same interface, with the commit protocol for a store that has no rename;
+    ``storage.open_store`` / ``create_store`` pick the class for a place."""
 
     writer_class: type[StreamWriter] = StreamWriter
 
@@ -382,10 +379,7 @@ class ShardStore:
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
     def create(cls, root: Path | str, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
-        if cls is ShardStore and is_url(root):
-            from datagen.storage.objstore import ObjectShardStore
-
-            return ObjectShardStore.create(root, output, job_meta=job_meta)
+        _local(cls, root)
         if root.exists() and not root.is_dir():
             raise OutputError(f"output path exists and is a file, not a directory: {root}")
         if (root / MANIFEST).exists():
@@ -413,10 +407,7 @@ class ShardStore:
 
     @classmethod
     def open(cls, root: Path | str, output: Any = None, *, for_writing: bool = False) -> ShardStore:
-        if cls is ShardStore and is_url(root):
-            from datagen.storage.objstore import ObjectShardStore
-
-            return ObjectShardStore.open(root, output, for_writing=for_writing)
+        _local(cls, root)
         manifest = Manifest.load(root)  # also the clear error for a non-output directory
         store = cls(root, manifest, output)
         if for_writing:
@@ -545,80 +536,3 @@ class ShardStore:
             pf = pq.ParquetFile(path, filesystem=self.manifest.filesystem)
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([batch])
-
-
-@contextmanager
-def build_store(dest: Path, job_meta: dict[str, Any], *, shard_rows: int = 50_000) -> Iterator[ShardStore]:
-    """A new store for a derived dataset (export, dedupe view): built in a temporary
-    directory beside ``dest``, renamed into place only when the block finishes, so a
-    failure leaves nothing at ``dest``. Shards still buffered are committed at the end;
-    files added with ``attach`` are checksummed in the manifest."""
-    from datagen.config import Output
-
-    if dest.exists():
-        raise OutputError(f"destination exists: {dest}; choose a new path")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot create {dest}: {exc}") from None
-    try:
-        store = ShardStore.create(tmp / "s", Output(path=tmp / "s", shard_rows=shard_rows), job_meta=job_meta)
-        try:
-            yield store
-            store.commit_all()
-            store.manifest.save()
-        finally:
-            store.close()
-        (store.root / LOCK_FILE).unlink(missing_ok=True)
-        os.rename(store.root, dest)
-    except OSError as exc:
-        raise OutputError(f"writing {dest} failed: {exc}; nothing was written there") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def resumable_build(dest: Path, job_meta: dict[str, Any], *, key: str, output: Any) -> Iterator[ShardStore]:
-    """A derived store that survives being killed: built in ``.NAME.partial`` beside
-    ``dest`` (a store with its own manifest, committing as it goes) and renamed to
-    ``dest`` when the block finishes. If the block fails or the process dies, the
-    partial store keeps what it committed; the next call with the same
-    ``job_meta[key]`` opens it again (the caller skips ``store.row_ids(...)``), one with
-    a different ``job_meta[key]`` is refused rather than mixed in. ``store.resumed``
-    says which happened."""
-    if dest.exists():
-        raise OutputError(f"destination exists: {dest}; choose a new path")
-    partial = dest.parent / f".{dest.name}.partial"
-    out = output.model_copy(update={"path": partial})
-    if (partial / MANIFEST).exists():
-        store = ShardStore.open(partial, out, for_writing=True)
-        if _canonical(store.job_meta().get(key)) != _canonical(job_meta[key]):
-            store.close()
-            raise OutputError(f"{partial} holds a half-finished {key} with other settings; repeat the "
-                              "command that started it to finish it, or delete that directory to start over")
-        store.resumed = True
-    else:
-        shutil.rmtree(partial, ignore_errors=True)  # no manifest: it never committed a row
-        store = ShardStore.create(partial, out, job_meta=job_meta)
-    try:
-        yield store
-        store.commit_all()
-        store.manifest.save()
-    except BaseException:
-        try:  # rows already received are complete: keep them for the next call
-            store.commit_all()
-        except DatagenError:
-            pass
-        raise
-    finally:
-        store.close()
-    try:
-        (partial / LOCK_FILE).unlink(missing_ok=True)
-        os.rename(partial, dest)
-    except OSError as exc:
-        raise OutputError(f"moving {partial} to {dest} failed: {exc}; the rows are in {partial}") from None
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

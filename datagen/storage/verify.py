@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datagen import records
-from datagen.storage.shards import ShardStore, license_summary
+from datagen.storage import open_store
+from datagen.storage.shards import license_summary
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Report:
 
 def verify(root: Path | str) -> Report:
     """``root``: an output directory or an object-store URL (``s3://bucket/prefix``)."""
-    store = ShardStore.open(root)
+    store = open_store(root)
     manifest = store.manifest
     rep = Report()
     listed = set()

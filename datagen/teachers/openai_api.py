@@ -40,11 +40,11 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from datagen.config import OpenAITeacher
 from datagen.errors import ConfigError
 from datagen.teachers import eager
-from datagen.teachers.base import Generation
+from datagen.teachers.base import Generation, collect_less
 from datagen.teachers.ratelimit import Limiter
+from datagen.teachers.spec import OpenAITeacher
 from datagen.teachers.tokenmap import TokenMap
 
 RETRY_AFTER_CAP_S = 60.0
@@ -235,6 +235,10 @@ class OpenAICompatibleTeacher:
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleTeacher(name={self.cfg.name!r}, base_url={self.cfg.base_url!r})"
+
+    def in_actor(self) -> None:
+        """In its Ray actor: the garbage collector tuned for an HTTP client's process."""
+        collect_less()
 
     def info(self) -> dict[str, Any]:
         return {

@@ -45,10 +45,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datagen.teachers import embedded
-from datagen.config import VLLMTeacher
 from datagen.errors import ConfigError, MissingExtra
+from datagen.teachers import embedded
 from datagen.teachers.base import Generation, tokenizer_fingerprint
+from datagen.teachers.spec import VLLMTeacher
 
 
 def _cpu_env(cfg: VLLMTeacher) -> None:
@@ -214,6 +214,10 @@ class VLLMEngineTeacher:
             self._in_flight -= len(prompts)
 
     # ----------------------------------------------------------------- watchdog
+
+    def in_actor(self) -> None:
+        """In its Ray actor: a hung engine ends the process, so Ray restarts it (``start_watchdog``)."""
+        self.start_watchdog()
 
     def start_watchdog(self) -> bool:
         """Exit this process (a Ray actor, which Ray then restarts) when the engine holds

@@ -40,7 +40,7 @@ class TrainProgress:
 
 
 def run_train(path: str, *, resume: bool, quiet: bool) -> int:
-    from datagen.cli import EXIT_INTERRUPTED
+    from datagen.errors import EXIT_INTERRUPTED
     from datagen.train.config import load_train
     from datagen.train.trainer import Trainer
 

@@ -32,7 +32,7 @@ from typing import Any
 from datagen import records
 from datagen.errors import DatagenError
 from datagen.licenses import CLASSES, Registry
-from datagen.storage.shards import ShardStore
+from datagen.storage import open_store
 from datagen.train.config import Data
 
 IGNORE = -100
@@ -84,7 +84,7 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
 
 def select_rows(data: Data, *, split: str) -> Iterator[dict[str, Any]]:
     """Committed accepted rows of ``split`` ("train" or "heldout") that pass the selection."""
-    store = ShardStore.open(data.path)
+    store = open_store(data.path)
     registry = Registry.for_job((store.job_meta().get("job") or {})) if data.license_class else None
     n = 0
     for row in store.iter_rows("accepted", batch_rows=256):
