@@ -74,9 +74,13 @@ def test_allocating_4_gb_hits_the_memory_limit():
 
 
 def test_writing_outside_the_temp_dir_is_refused(tmp_path):
-    target = tmp_path / "owned.txt"
+    target = Path(__file__).parent / f"owned-{uuid.uuid4().hex}.txt"  # a host dir the run's uid cannot write
     res = run(f"open({str(target)!r}, 'w').write('pwned')\n")
     assert (res.passed, res.reason) == (False, "code.permission_denied")
+    assert not target.exists()
+    target = tmp_path / "owned.txt"  # under the host's /tmp: hidden by the run's own /tmp, or not writable
+    res = run(f"open({str(target)!r}, 'w').write('pwned')\n")
+    assert not res.passed and res.reason in ("code.permission_denied", "code.exception")
     assert not target.exists()
 
 
@@ -91,7 +95,8 @@ def test_the_hosts_api_keys_are_not_in_the_environment(monkeypatch):
     assert secret not in res.stdout_tail and secret not in res.details
     # What the program does see: only the scrubbed variables.
     ok = run("import os\nkeys = set(os.environ)\n",
-             "assert keys <= {'PATH', 'HOME', 'LANG', 'PYTHONDONTWRITEBYTECODE', 'LC_CTYPE'}, keys")
+             "assert keys <= {'PATH', 'HOME', 'TMPDIR', 'TMP', 'TEMP', 'LANG', 'PYTHONDONTWRITEBYTECODE', "
+             "'LC_CTYPE'}, keys")
     assert ok.passed, ok.details
 
 
@@ -125,7 +130,7 @@ def test_sys_exit_0_is_not_a_pass():
 
 def test_a_grandchild_that_outlives_its_parent_is_killed(tmp_path):
     mark = "datagen-grandchild-" + uuid.uuid4().hex
-    witness = Path("/tmp") / mark  # world-writable: the one place the sandbox uid could write
+    witness = Path("/tmp") / mark  # world-writable (when the run has no private /tmp of its own)
     code = ("import os, subprocess\n"
             f"subprocess.Popen(['sh', '-c', 'sleep 2; touch {witness}; sleep 60 # {mark}'],\n"
             "                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
