@@ -12,9 +12,9 @@ requests/s divided by that ideal (issue 3 (b): target >= 0.90 on 2 cores).
 The teacher is deployed as ``datagen run`` deploys it: ``--replicas`` Ray actors (default:
 one per core) through the run's own ``TeacherFleet`` and ``TeacherActor``, each with its
 share of the teacher's ``max_concurrency`` = ``--inflight`` (``OpenAITeacher.for_replica``),
-fed as the runner feeds them: batches of ``--batch-size`` rows (default: one replica's
+fed as the driver feeds them: batches of ``--batch-size`` rows (default: one replica's
 share of the in-flight ceiling), at most ``--batches`` outstanding per actor (default:
-as many as the runner keeps, ``replicas.slots``), each sent to the least-loaded actor. ``--replicas 0`` runs one
+as many as the driver keeps, ``teachers.fleet.slots``), each sent to the least-loaded actor. ``--replicas 0`` runs one
 teacher in this process, without Ray: the client alone (uvloop when installed, as Ray's
 async actors use).
 
@@ -75,7 +75,7 @@ def start_server(latency: float, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 async def drive(teacher: OpenAICompatibleTeacher, n: int, batch_size: int, batches: int, offset: int) -> int:
-    """Keep ``batches`` generate() calls of ``batch_size`` rows outstanding, like the runner."""
+    """Keep ``batches`` generate() calls of ``batch_size`` rows outstanding, like the driver."""
     reqs = requests_for(n, offset)
     chunks = [reqs[i:i + batch_size] for i in range(0, n, batch_size)]
     errors = 0
@@ -202,7 +202,7 @@ def bench_replicas(args: argparse.Namespace, url: str, server_pid: int) -> None:
 
 
 def feed(actors, cfg: OpenAITeacher, reqs: list[dict], slots: int) -> int:
-    """The runner's dispatch (``TeacherFleet``): a batch goes to the least-loaded actor
+    """The fleet's dispatch (``TeacherFleet``): a batch goes to the least-loaded actor
     with a free slot; wait for any batch; repeat. Returns the rows that came back failed."""
     import ray
 
@@ -312,7 +312,7 @@ def main() -> None:
                    help="teacher Ray actors (default: one per core); 0: one teacher in this process, no Ray")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: in-flight share of a replica)")
     p.add_argument("--batches", type=int, default=0,
-                   help="batches outstanding per actor (default: the runner's replicas.slots at inflight_per_actor 2)")
+                   help="batches outstanding per actor (default: teachers.fleet.slots at inflight_per_actor 2)")
     p.add_argument("--fixed", action="store_true", help="adaptive concurrency off")
     p.add_argument("--layers", type=int, default=3000, metavar="N",
                    help="then time N requests per client layer against an instant server (0: skip)")

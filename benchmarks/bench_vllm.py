@@ -198,7 +198,7 @@ def bare_beside_ray(args, job_path: Path) -> tuple[float, int]:
 
 
 def batches_of(args, job_path: Path) -> list[list[dict]]:
-    """The run's requests, cut into the batches the runner sends."""
+    """The run's requests, cut into the batches the driver sends."""
     from datagen import run as runner
     from datagen.config import load_job
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datagen.errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, DatagenError
+from datagen.errors import EXIT_ERROR, EXIT_FAILED_ROWS, EXIT_INTERRUPTED, DatagenError
 
 
 def _plural(noun: str, n: int) -> str:
@@ -294,7 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in rep.problems:
         print(f"error: {root}/{problem}", file=sys.stderr)
     if rep.problems:
-        return 1
+        return EXIT_ERROR
     print(f"ok: {root}: {rep.shards} shards, {rep.rows} rows match the manifest")
     return 0
 
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatagenError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -146,7 +146,7 @@ class Output(Strict):
 class Runtime(Strict):
     inflight_per_actor: int = Field(
         2, ge=1, le=64, description="batches queued on one teacher actor, at least; more when its backend "
-        "serves more rows at once (max_concurrency, max_num_seqs): see replicas.slots. Bounds memory"
+        "serves more rows at once (max_concurrency, max_num_seqs): see teachers.fleet.slots. Bounds memory"
     )
     startup_timeout_s: float = Field(
         1800.0, gt=0.0, description="give up when a teacher actor has not started by then"

@@ -45,7 +45,7 @@ def stage_lines(view: dict[str, Any]) -> list[str]:
 
 
 class LiveProgress:
-    """A rich progress bar fed by the runner's ``on_progress`` callback, with the run's
+    """A rich progress bar fed by ``run.execute``'s ``on_progress`` callback, with the run's
     per-stage figures under it and the Ray dashboard's address above it (when the run
     joined a cluster that has one)."""
 

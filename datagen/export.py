@@ -14,7 +14,7 @@ The export is itself a datagen output directory (manifest with sha256 per shard,
 * ``NOTICE`` when any selected terms carry a notice or attribution duty.
 
 It is built beside the destination and renamed into place at the end
-(``shards.build_store``), so a failed export leaves nothing half-written.
+(``storage.derived.build_store``), so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
 
 
 def _check_prompts(job: Any) -> None:
-    """What ``runner.prepare`` checks, minus the secrets: those are the cluster's to have."""
+    """What ``run.prepare`` checks, minus the secrets: those are the cluster's to have."""
     from datagen import licenses
     from datagen.prompts import PromptStream
 

@@ -52,7 +52,7 @@ def test_tensor_parallel_engine_gets_one_packed_group_of_gpu_bundles(emulated_gp
 
 
 def test_groups_beyond_the_cluster_stay_pending(emulated_gpus):
-    """Two TP=2 engines fit 4 GPUs; a third waits (the runner's startup timeout names it)."""
+    """Two TP=2 engines fit 4 GPUs; a third waits (the fleet's startup timeout names it)."""
     from datagen.teachers.fleet import placement_for
 
     groups = [placement_for(_teacher(tp=2)) for _ in range(3)]

@@ -261,7 +261,7 @@ def test_seed_formats_give_the_same_prompts_and_carry_their_license(tmp_path: Pa
     assert stream.template.spec.seeds.license == "CC-BY-4.0"
     reqs = list(stream)
     assert all(r.provenance["seed_source"] == str((tmp_path / src["path"]).resolve()) for r in reqs)
-    # the license every row of this job will carry (runner.execute builds it from the spec)
+    # the license every row of this job will carry (run.prepare resolves it)
     assert licenses.resolve_job(stream.job, template=stream.template) == {"a": "MIT"}
 
 

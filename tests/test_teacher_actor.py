@@ -1,4 +1,4 @@
-"""``TeacherActor.info``: the call the runner waits on at start-up and pings after a
+"""``TeacherActor.info``: the call the fleet waits on at start-up and pings after a
 restart answers only once the backend's warm-up is done, once, however many ask."""
 
 from __future__ import annotations

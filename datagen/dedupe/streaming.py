@@ -22,7 +22,7 @@ continues, so a resumed run ends with the same clusters as an uninterrupted one.
 **A lost index actor** (its process or node died) leaves the others with a partial
 index, and a restarted actor would come back empty, so none is restarted. Instead the
 whole index is rebuilt the way resume rebuilds it: fresh actors, and every row again from
-``source`` (the runner's: it commits the rows routed so far, then reads the committed
+``source`` (the driver's, run/driver.py: it commits the rows routed so far, then reads the committed
 accepted rows). That costs a pass over the accepted rows, not rows or clusters.
 """
 

@@ -10,8 +10,8 @@ holding one row per cluster (the smallest row id) with ``dedupe_cluster`` set, p
 The view is built in a temporary directory and renamed into place, and its manifest
 lists the two side files' checksums, so ``datagen verify`` covers all of it.
 
-Not covered yet: the streaming mode (dedupe while ``datagen run`` generates, against an
-index spread over Ray actors) -- see the dedupe issue.
+Dedupe while ``datagen run`` generates, against an index spread over Ray actors, is
+``streaming.py``'s; it writes the same view.
 """
 
 from __future__ import annotations

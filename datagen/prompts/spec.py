@@ -19,7 +19,8 @@ import yaml
 from pydantic import Field
 
 from datagen import records
-from datagen.config import SeedSource, Strict, read_model
+from datagen.config import SeedSource
+from datagen.validation import Strict, read_model
 from datagen.errors import ConfigError
 from datagen.prompts.seeds import Seeds, read_seeds
 

@@ -30,7 +30,7 @@ OPERATIONAL_JOB = frozenset({"output", "runtime", "target_accepted", "budget"})
 
 def run_fingerprint(job: Job, stream_hash: str, *, legacy: bool = False) -> str:
     """Same rows asked for -> same fingerprint: the job's content and its prompts' (the
-    stream hash), without what a resume may change (``config.OPERATIONAL_*``: the output's
+    stream hash), without what a resume may change (``OPERATIONAL_JOB`` here, ``teachers.spec.OPERATIONAL_*``: the output's
     place and layout, the runtime, how many rows to make, how the teachers run).
     ``legacy``: the fingerprint outputs written before teacher settings could change on
     resume carry (it hashed how teachers ran too), so those still resume unchanged."""

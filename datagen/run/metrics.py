@@ -1,7 +1,7 @@
 """Run metrics: what each stage of the driver loop is doing, for the live progress display
 and for ``OUT/metrics.jsonl``.
 
-The driver loop (``runner._drive``) feeds three counters (prompts pulled, rows received
+The driver loop (``Driver.loop``, run/driver.py) feeds three counters (prompts pulled, rows received
 per teacher, rows judged) and calls ``tick`` once per turn. Queue depths are read from the
 loop's own structures (``watch``), never copied, so the figures cost a few ``len()`` calls
 a turn and memory that does not grow with the run.

