@@ -154,11 +154,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    """Rendered prompts and the diversity report; no teacher is called, nothing is written."""
+    """Rendered prompts and the diversity report; no teacher is called, nothing is written,
+    so the job file need not list any teacher."""
     from datagen.config import load_job
     from datagen.prompts import PromptStream, diversity
 
-    job = load_job(args.job)
+    job = load_job(args.job, need_teachers=False)
     stream = PromptStream(job, run_fingerprint="")  # no teacher checks: an API key need not be set
     shown = [stream.prompt(k) for k in range(min(args.n, len(stream.plan.slots)))]
     rep = diversity.report(stream, seed=job.seed) if not args.no_report else None

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BeforeValidator, Field, ValidationError, WrapSerializer, field_validator, model_validator
+from pydantic import (BeforeValidator, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
+                      WrapSerializer, field_validator, model_validator)
 
 from datagen.errors import ConfigError
 from datagen.filters import DEFAULT_FILTERS, FILTERS, FilterSpec
@@ -242,6 +243,21 @@ class Job(Strict):
         default_factory=list, description="terms to add to (or override in) the license registry"
     )
 
+    # ``datagen preview`` calls no teacher: validated with the context {TEACHERS_OPTIONAL: True}
+    # (``parse_job(need_teachers=False)``), a missing or empty ``teachers`` is []. Without
+    # it, and in the JSON schema, ``teachers`` stays required with at least one entry.
+    @model_validator(mode="before")
+    @classmethod
+    def _teachers_default(cls, data: Any, info: ValidationInfo) -> Any:
+        if _teachers_optional(info) and isinstance(data, dict) and data.get("teachers") is None:
+            return {**data, "teachers": []}
+        return data
+
+    @field_validator("teachers", mode="wrap")
+    @classmethod
+    def _teachers_may_be_empty(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return [] if v == [] and _teachers_optional(info) else handler(v)
+
     @model_validator(mode="after")
     def _unique_teachers(self) -> Job:
         seen: set[str] = set()
@@ -252,12 +268,20 @@ class Job(Strict):
         return self
 
 
+TEACHERS_OPTIONAL = "teachers_optional"  # validation context key: see Job._teachers_default
 
-def parse_job(data: Any, *, where: str, base_dir: Path) -> Job:
+
+def _teachers_optional(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get(TEACHERS_OPTIONAL))
+
+
+def parse_job(data: Any, *, where: str, base_dir: Path, need_teachers: bool = True) -> Job:
+    """A validated job with its paths resolved against ``base_dir``. ``need_teachers=False``
+    (for verbs that call no teacher) accepts a job with no ``teachers``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a job file must be a mapping of fields, got {type(data).__name__}")
     try:
-        job = Job.model_validate(data)
+        job = Job.model_validate(data, context={TEACHERS_OPTIONAL: not need_teachers})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where=where, tags=UNION_TAGS)) from None
     return _resolve_paths(job, base_dir)
@@ -299,10 +323,13 @@ def out_path(p: str | os.PathLike[str], base: Path) -> str | Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def load_job(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None) -> Job:
-    """Read, validate and resolve a job file. ``output`` overrides ``output.path``."""
+def load_job(path: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
+             need_teachers: bool = True) -> Job:
+    """Read, validate and resolve a job file. ``output`` overrides ``output.path``;
+    ``need_teachers`` as in ``parse_job``."""
     path = Path(path)
-    job = parse_job(read_yaml(path, what="job file"), where=str(path), base_dir=path.parent.resolve())
+    job = parse_job(read_yaml(path, what="job file"), where=str(path), base_dir=path.parent.resolve(),
+                    need_teachers=need_teachers)
     if output is not None:
         job = job.model_copy(
             update={"output": job.output.model_copy(update={"path": out_path(output, Path.cwd())})}

@@ -281,6 +281,14 @@ def test_empty_teacher_list(jd: JobDir):
     assert msg.endswith("(got [])")
 
 
+def test_need_teachers_false_accepts_none_and_still_checks_the_given(jd: JobDir):
+    """``datagen preview``'s loading: no teachers is fine, a bad teacher is still refused."""
+    assert load_job(jd.write_with(drop=("teachers",)), need_teachers=False).teachers == []
+    assert load_job(jd.write_with({"teachers": []}), need_teachers=False).teachers == []
+    with pytest.raises(DatagenError, match=r": teachers\[0\]\.sampling\.temperature: "):
+        load_job(jd.write_with({"teachers[0].sampling.temperature": 5}), need_teachers=False)
+
+
 def test_unknown_backend(jd: JobDir):
     msg = config_error(jd.write_with({"teachers[0].backend": "opneai"}))
     assert msg.startswith(f"{jd.job}: teachers[0]: ")

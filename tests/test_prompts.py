@@ -22,7 +22,8 @@ from datagen import licenses
 from datagen import run as runner
 from datagen.config import load_job
 from datagen.errors import DatagenError
-from datagen.prompts import PromptStream, load_template
+from datagen.prompts import PromptStream, diversity, load_template
+from datagen.prompts.clean import compared_text
 from datagen.prompts.plan import apportion
 from datagen.storage.shards import ShardStore
 
@@ -393,6 +394,52 @@ def test_preview_prints_prompts_without_a_teacher(tmp_path: Path):
     assert not (REPO / "out" / "diverse-math").exists()
     info = json.loads(datagen("preview", str(job), "-n", "1", "--json", timeout=120).stdout)
     assert info["report"]["plan"]["planned"] == 300 and len(info["prompts"]) == 1
+
+
+SHARED_SYSTEM = """\
+id: shared
+version: "1"
+license: MIT
+system: |-
+  You are a careful assistant. Read the question below, think about what it asks, state any
+  assumption you make, answer in plain words, keep the answer short, and never invent facts
+  that the question does not give; if the question cannot be answered, say so and say why.
+user: "{{ q }}"
+seeds: {path: seeds.jsonl, license: CC0-1.0}
+"""
+
+
+def test_preview_similarity_compares_what_prompt_dedupe_compares(tmp_path: Path):
+    """Prompts that share a long system turn but no user text are not near-duplicates:
+    the report measures the text prompt dedupe compares, not the shared template."""
+    job = write_job(tmp_path, rows=seed_rows(30), template=SHARED_SYSTEM, prompts={"dedupe": {}})
+    proc = datagen("preview", str(job), "-n", "30", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["report"]["plan"]["near_duplicate_seeds"] == 0  # dedupe: none of them is near another
+    sim = info["report"]["similarity"]
+    assert sim["pairs"] == 30 * 29 // 2
+    assert sim["max"] < 0.3 and sim["p90"] < 0.1 and sim["at_or_above_0.8"] == 0.0, sim
+    # every prompt is in the report's sample, in stream order: the very figures of dedupe's text
+    assert sim == diversity.similarity([compared_text(p["messages"]) for p in info["prompts"]])
+
+
+@pytest.mark.parametrize("teachers", [None, []], ids=["missing", "empty"])
+def test_preview_needs_no_teachers_but_validate_does(tmp_path: Path, teachers: list | None):
+    job = write_job(tmp_path, rows=seed_rows(12), prompts={"count": 10, "axes": AXES})
+    data = yaml.safe_load(job.read_text())
+    del data["teachers"]
+    if teachers is not None:
+        data["teachers"] = teachers
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = datagen("preview", str(job), "-n", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("--- prompt ") == 2 and "[user] Tone: " in proc.stdout
+    assert "prompts: 10 planned of 10 requested" in proc.stdout
+    proc = datagen("validate", str(job), timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    want = "required field is missing" if teachers is None else "List should have at least 1 item"
+    assert proc.stderr.startswith(f"error: {job}: teachers: {want}") and proc.stderr.count("\n") == 1, proc.stderr
 
 
 # --------------------------------------------------------------------------- through a real run

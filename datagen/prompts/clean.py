@@ -2,8 +2,10 @@
 (MinHash from ``datagen.dedupe.minhash``, verified by exact Jaccard) and contamination with
 user-provided eval sets (shared word n-grams).
 
-Both look at the prompt's last user turn, the part that varies from prompt to prompt;
-the system turn and worked examples are the same template text in every prompt.
+Both look at ``compared_text``: the prompt's last user turn, the part that varies from
+prompt to prompt; the system turn and worked examples are the same template text in every
+prompt. The diversity report (``diversity.py``) measures the same text, so its figures and
+prompt dedupe agree on what counts as a near-duplicate.
 
 Not covered: an eval item shorter than ``ngram`` words has no n-gram and can never match
 (lower ``decontaminate.ngram`` for short-answer evals); paraphrases that share no n-gram.
@@ -24,6 +26,11 @@ from datagen.prompts.seeds import READERS, BadRow, source_format, where
 
 # The same normalisation as dedupe: lower case, punctuation dropped, NFKC for non-ASCII.
 _WORDS = minhash.Shingling(kind="word")
+
+
+def compared_text(messages: list[dict[str, str]]) -> str:
+    """The text a rendered prompt is compared on: its last (user) turn."""
+    return messages[-1]["content"]
 
 
 def ngrams(text: str, n: int) -> set[str]:

@@ -1,7 +1,12 @@
 """The diversity report of a prompt plan: axis histograms against their quotas, distinct-n
 over a sample of prompts, and the distribution of pairwise MinHash similarity in a
 smaller sample. Shown by ``datagen preview``, written to ``OUT/prompts_report.json`` by
-``datagen run`` and read back by ``datagen inspect``."""
+``datagen run`` and read back by ``datagen inspect``.
+
+distinct-n and similarity measure ``clean.compared_text`` (the last user turn), the text
+prompt dedupe compares: a system turn or worked examples every prompt shares would make
+distinct prompts look alike. Not covered: variety an axis puts only in the system turn
+shows in the axis histograms, not in these figures."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from datagen.dedupe import minhash
+from datagen.prompts.clean import compared_text
 
 REPORT_FILE = "prompts_report.json"
 SAMPLE = 1000  # prompts for distinct-n
@@ -48,19 +54,12 @@ def similarity(texts: list[str], *, num_perm: int = 128) -> dict[str, Any]:
     }
 
 
-def _varying_text(messages: list[dict[str, str]]) -> str:
-    """The system turn (axes may fill it) and the last user turn; worked examples are
-    the same in every prompt and would only dilute the figures."""
-    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-    return f"{system}\n{messages[-1]['content']}"
-
-
 def report(stream: Any, *, seed: int = 0) -> dict[str, Any]:
     plan = stream.plan
     n = len(plan.slots)
     total = max(n, 1)
     pick = sorted(random.Random(seed).sample(range(n), min(n, SAMPLE)))
-    texts = [_varying_text(stream.prompt(k)[0]) for k in pick]
+    texts = [compared_text(stream.prompt(k)[0]) for k in pick]
     pairs = texts if len(texts) <= PAIR_SAMPLE else random.Random(seed + 1).sample(texts, PAIR_SAMPLE)
     return {
         "prompts": n,

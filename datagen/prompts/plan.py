@@ -30,7 +30,7 @@ from typing import Any
 from datagen import records
 from datagen.config import Prompts
 from datagen.errors import ConfigError
-from datagen.prompts.clean import Decontaminator, NearDuplicates
+from datagen.prompts.clean import Decontaminator, NearDuplicates, compared_text
 from datagen.prompts.spec import Template
 
 CHUNK = 2048  # prompts rendered and MinHashed per batch while planning
@@ -240,7 +240,7 @@ def _screen_seeds(p: _Planner, cfg: Prompts) -> dict[str, Any]:
         for i in batch:
             combo = tuple(first[k] if k in first else p.key_of_seed(i)[p.bound.index(k)]
                           for k in range(len(p.axes)))
-            texts.append(p.t.render(p.values(i, combo), what=p.what(i, combo))[-1]["content"])
+            texts.append(compared_text(p.t.render(p.values(i, combo), what=p.what(i, combo))))
         hits = [decon.hit(t) for t in texts] if decon is not None else [None] * len(texts)
         near_dup = near.check_many(texts, skip=[h is not None for h in hits]) if near is not None else hits
         for k, i in enumerate(batch):
