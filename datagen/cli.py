@@ -1,12 +1,12 @@
 """``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, dedupe, rescore,
-export, verify, submit, jobs, licenses, train, eval.
+export, verify, submit, jobs, licenses, train, eval, route.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
 (committed rows are valid; ``datagen resume`` finishes the job); ``errors.EXIT_*``.
 
-Long: one argparse table for sixteen verbs, each verb a few lines that call the module
-that does its work (``run``, ``storage``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``).
+Long: one argparse table for seventeen verbs, each verb a few lines that call the module
+that does its work (``run``, ``storage``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``, ``route``).
 """
 
 from __future__ import annotations
@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("eval_file", help="eval file (YAML); see examples/eval.yaml")
     r.add_argument("--quiet", "-q", action="store_true")
     r.set_defaults(func=cmd_eval)
+
+    from datagen.route.cli import add_parser as add_route  # its own module: route/cli.py
+    add_route(sub)
     return p
 
 
