@@ -6,6 +6,7 @@ Every table below is small enough to check on paper; the comments hold the arith
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -208,3 +209,9 @@ def test_a_row_missing_a_cost_field_is_named():
     model = costs.CostModel(teacher_basis="gpu", teacher_usd_per_gpu_hour=2.0, student_usd_per_hour=1.0)
     with pytest.raises(DatagenError, match="row 'b': no teacher_gpu_seconds"):
         costs.row_costs([{"id": "b", "student_seconds": 1}], model)
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
+    with pytest.raises(DatagenError, match=r"datagen\[route\]"):
+        metrics.auroc([1, 0], [0.1, 0.2])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.route.metrics import Metric
+from datagen.route.metrics import Metric, need_sklearn
 from datagen.route.router import LearnedModel
 
 
@@ -24,6 +24,7 @@ def fit(x: np.ndarray, ok: np.ndarray, features: list[str], *, seed: int = 0) ->
     if ok.all() or not ok.any():
         return Metric(None, f"the student is {'never' if not ok.any() else 'always'} as good as the teacher on "
                             "the calibration split: nothing to learn")
+    need_sklearn("the learned router")
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 

@@ -47,9 +47,17 @@ from typing import Any
 
 import numpy as np
 
-from datagen.errors import DatagenError
+from datagen.errors import DatagenError, MissingExtra
 
 EPS = 1e-12
+
+
+def need_sklearn(why: str) -> None:
+    """scikit-learn is an extra (``route``): say so in one line when it is missing."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise MissingExtra("scikit-learn", "route", why) from None
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,7 @@ def auroc(failed: Sequence[bool], score: Sequence[float]) -> Metric:
     failed = np.asarray(failed, dtype=bool)
     if failed.all() or not failed.any():
         return Metric(None, f"{'every' if failed.all() else 'no'} row is a failure: AUROC is undefined")
+    need_sklearn("AUROC")
     from sklearn.metrics import roc_auc_score
 
     return Metric(float(roc_auc_score(failed, -np.asarray(score, dtype=np.float64))))
