@@ -1,12 +1,13 @@
-"""``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, dedupe, rescore,
-export, verify, submit, jobs, licenses, train, eval, route.
+"""``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, report, dedupe,
+rescore, export, verify, submit, jobs, licenses, train, eval, route.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
 (committed rows are valid; ``datagen resume`` finishes the job); ``errors.EXIT_*``.
 
-Long: one argparse table for seventeen verbs, each verb a few lines that call the module
-that does its work (``run``, ``storage``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``, ``route``).
+Long: one argparse table for eighteen verbs, each verb a few lines that call the module
+that does its work (``run``, ``storage``, ``report``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``,
+``route``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _plural(noun: str, n: int) -> str:
 
 
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
-    from datagen import run as runner
+    from datagen import report, run as runner
     from datagen.console import LiveProgress, summary_table, where_line
     from datagen.storage import create_store, open_store
 
@@ -61,11 +62,12 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
             stats = runner.execute(job, store, stream, on_progress=progress)
     finally:
         store.close()
+    page = report.after_run(root, job.output, warn)  # never raises: a failure is one warning line
     if not quiet:
         out.print(summary_table(stats, store))
         for line in prompt_lines:
             out.print(line, soft_wrap=True, highlight=False)
-        out.print(where_line(store), soft_wrap=True, highlight=False)
+        out.print(where_line(store) + (f"\nreport: {page}" if page else ""), soft_wrap=True, highlight=False)
     died = stats.reasons.get(("failed", "teacher_died"), 0)
     if stats.lost:  # something died on the way: say so, even with --quiet
         what = ", ".join(f"{n} {_plural(kind, n)}" for kind, n in sorted(stats.lost.items()))
@@ -213,6 +215,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     store = open_store(_output_arg(args.output_dir))
     inspect_output(store, Console(), rows=args.rows, stream=args.stream, as_json=args.json)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from datagen.report import write_report
+
+    dest = write_report(_output_arg(args.output_dir), Path(args.to).resolve() if args.to else None,
+                        train=args.train and Path(args.train), eval_file=args.eval and Path(args.eval))
+    print(f"report: {dest}")
     return 0
 
 
@@ -410,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", choices=["accepted", "rejected", "failed"], default="accepted")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("report", help="write one self-contained HTML page that shows an output at a glance")
+    r.add_argument("output_dir")
+    r.add_argument("--to", help="the HTML file (default OUTPUT_DIR/report.html)")
+    r.add_argument("--train", help="a `datagen train` output: its loss curves go into the page")
+    r.add_argument("--eval", help="a `datagen eval` report (JSON): its table goes into the page")
+    r.set_defaults(func=cmd_report)
 
     r = sub.add_parser("export", help="write the accepted rows whose terms allow it as a new dataset")
     r.add_argument("output_dir")

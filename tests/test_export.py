@@ -115,6 +115,7 @@ def test_secret_sentinel_is_in_no_byte(mixed_run, tmp_path):
                 assert SENTINEL.encode() not in p.read_bytes(), p
                 scanned += 1
     assert scanned >= 6
+    assert (mixed_run / "report.html").is_file()  # the run's report page was among the files scanned
     assert "DATAGEN_TEST_KEY" in (dest / "README.md").read_text()  # the NAME is recorded
 
 

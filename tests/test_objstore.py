@@ -176,6 +176,21 @@ def test_create_refuses_a_used_prefix_and_bad_urls(s3env, request):
     assert "topsecret" not in str(err.value)
 
 
+def test_report_of_an_s3_output_is_written_beside_it(s3env, request, tmp_path):
+    from datagen.report import write_report
+
+    url = s3env.url(request.node.name)
+    store = create_store(url, output(url, shard_rows=10), job_meta=META)
+    for i in range(25):
+        store.add("accepted", row(i))
+    store.commit_all()
+    store.close()
+    assert write_report(url) == f"{url}/report.html"
+    page = objects(s3env, request.node.name)["report.html"].decode()
+    assert 'data-figure="rows.accepted">25<' in page and 'data-figure="shards">3<' in page
+    assert write_report(url, tmp_path / "r.html") == str(tmp_path / "r.html")
+
+
 @pytest.mark.slow  # a full run through local Ray: ~45 s on 2 shared cores
 def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     s3 = s3env
@@ -189,6 +204,7 @@ def test_cli_run_resume_verify_inspect_on_s3(tmp_path, s3env, fake_server):
     assert len(store.row_ids()) == 20
     assert store.job_meta()["job"]["output"]["path"] == url
     stored = objects(s3, "cli-run")
+    assert b'data-figure="rows.total">20<' in stored["report.html"]  # the run's report went up too
     assert not any(b"sk-teacher-secret-value" in b or s3.env["AWS_SECRET_ACCESS_KEY"].encode() in b
                    for b in stored.values())
     # The metrics file went up too (uploaded whole at the end): its last line is the manifest's counts.
