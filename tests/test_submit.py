@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from datagen.errors import DatagenError
-from datagen.storage.shards import ShardStore
+from datagen.storage import open_store
 from datagen.submit import DEFAULT_EXCLUDES, build
 
 from .conftest import datagen, write_job
@@ -100,7 +100,7 @@ def test_submit_follow_to_completion_and_read_shards(tmp_path, fake_server, ray_
     assert f"job {job_id}: SUCCEEDED" in res.stderr
     assert SECRET not in res.stdout + res.stderr
 
-    store = ShardStore.open(tmp_path / "out")
+    store = open_store(tmp_path / "out")
     ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
     assert len(ids) == len(set(ids)) == 24
     assert set(ids) == expected_ids(job)
@@ -153,7 +153,7 @@ def test_jobs_stop_and_one_line_errors(tmp_path, fake_server, ray_head):
                   "--python", sys.executable, env=env, cwd=job.parent, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resuming with teachers[fake].replicas: 1 -> 2" in res.stdout
-    store = ShardStore.open(tmp_path / "out")
+    store = open_store(tmp_path / "out")
     assert store.job_meta()["job"]["teachers"][0]["replicas"] == 2  # the cluster's resume stored its settings
     ids = [r for s in ("accepted", "rejected") for r in store.read(s, columns=["row_id"]).column("row_id").to_pylist()]
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(job)
@@ -187,7 +187,7 @@ def test_submit_writes_to_s3_with_the_clusters_credentials(tmp_path, fake_server
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)
-    store = ShardStore.open(url)
+    store = open_store(url)
     ids = store.row_ids()
     assert len(ids) == 10 and ids == expected_ids(job)
     assert store.job_meta()["job"]["output"]["path"] == url
