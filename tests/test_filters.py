@@ -139,6 +139,15 @@ def test_json_schema(response, keep, reason):
     assert (v.keep, v.reason) == (keep, reason), v
 
 
+def test_boolean_json_schemas_accept_all_or_nothing():
+    assert verdict({"name": "schema", "json_schema": True}, '{"anything": [1, 2]}').keep
+    for response in ('{"order_id": "A1", "qty": 2}', "[]", "7"):
+        v = verdict({"name": "schema", "json_schema": False}, response)
+        assert (v.keep, v.reason) == (False, "schema.invalid") and "False schema" in v.details, v
+    v = verdict({"name": "schema", "json_schema": True}, "no json here")
+    assert (v.keep, v.reason) == (False, "schema.invalid_json")
+
+
 def test_pydantic_model_by_import_path():
     spec = {"name": "schema", "model": "datagen.prompts:Shot"}  # any pydantic model importable here
     assert verdict(spec, '{"vars": {"x": 1}, "answer": "y"}').keep
