@@ -1,11 +1,14 @@
 """MinHash dedupe speed and memory, printed as figures (no assertions).
 
-    .venv/bin/python benchmarks/bench_dedupe.py            # docs/s + the 500k run
-    .venv/bin/python benchmarks/bench_dedupe.py --big 0    # docs/s only
+    .venv/bin/python benchmarks/bench_dedupe.py            # docs/s, big buckets, the 500k run
+    .venv/bin/python benchmarks/bench_dedupe.py --big 0    # no 500k run
 
 1. docs/s of signatures + LSH banding on 200-word documents: datagen (all cores) vs a
    plain datasketch ``MinHash.update`` loop over the same word 3-grams (sampled).
-2. ``find_clusters`` over N documents (default 500k, 2% planted near-duplicates):
+2. ``find_clusters`` on a corpus with big LSH buckets (default 6000 documents: templated
+   answers, see ``make_templated``), and its clusters compared with an all-pairs exact
+   check: the components of every pair whose exact Jaccard passes, LSH or not.
+3. ``find_clusters`` over N documents (default 500k, 2% planted near-duplicates):
    wall time and peak RSS of this process plus its worker processes.
 """
 
@@ -17,6 +20,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +45,86 @@ def make_docs(n: int, words: int = 200, dup_rate: float = 0.02, seed: int = 0) -
             w[k] = vocab[rng.integers(0, len(vocab))]
         docs[i] = " ".join(w)
     return docs
+
+
+def make_templated(n: int, seed: int = 0) -> tuple[list[str], list[str], dict[str, int]]:
+    """Big buckets, as templated answers fill them: half near-copies of one 200-word answer
+    (one word changed in its first half), then that answer and a real duplicate of it (7
+    words changed in its second half: J=0.81 to the answer, 0.78 to each near-copy), then
+    30% JSON-shaped answers (5 slots; one slot apart is J~0.83, two is ~0.7), the rest
+    ``make_docs``. Ids follow that order, so every near-copy's id is below the answer's."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(5000)]
+    answer = [rng.choice(vocab) for _ in range(200)]
+
+    def changed(positions: Iterable[int]) -> str:
+        w = list(answer)
+        for p in positions:
+            w[p] = rng.choice(vocab)
+        return " ".join(w)
+
+    copies, shaped = n // 2, int(n * 0.3)
+    docs = [changed([rng.randrange(100)]) for _ in range(copies)]
+    docs += [" ".join(answer), changed(range(110, 180, 10))]
+    slots = [[rng.choice(vocab) for _ in range(6)] for _ in range(5)]
+    for _ in range(shaped):
+        v = [rng.choice(s) for s in slots]
+        docs.append(f'{{"intent": "{v[0]}", "priority": "{v[1]}", "product": "{v[2]}", "sentiment": "{v[3]}", '
+                    '"summary": "the customer reports that the app stops working after the latest update '
+                    f'and asks for a refund or a fix", "language": "{v[4]}", "needs_human": true}}')
+    docs += make_docs(max(n - len(docs), 0), seed=seed)
+    ids = [f"{i:012d}" for i in range(len(docs))]
+    return ids, docs, {"answer": copies, "duplicate": copies + 1}
+
+
+def all_pairs_clusters(texts: Sequence[str], cfg: mh.Shingling, threshold: float) -> tuple[np.ndarray, int]:
+    """Components of every pair whose exact Jaccard of shingle-hash sets (what
+    ``verify="exact"`` measures) is >= threshold, by a sparse product in row blocks; a
+    text with no shingles is nobody's duplicate. Returns each doc's component and the pairs."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    sets = [np.unique(mh.shingle_hashes(t, cfg)) for t in texts]
+    sizes = np.array([len(x) for x in sets])
+    _, cols = np.unique(np.concatenate(sets), return_inverse=True)
+    rows = np.repeat(np.arange(len(sets)), sizes)
+    x = sparse.csr_matrix((np.ones(len(cols), np.int32), (rows, cols)), shape=(len(sets), cols.max() + 1))
+    src, dst = [], []
+    for lo in range(0, len(sets), 512):
+        inter = (x[lo:lo + 512] @ x.T).toarray()
+        union = sizes[lo:lo + 512, None] + sizes[None, :] - inter
+        with np.errstate(invalid="ignore", divide="ignore"):
+            i, j = np.nonzero((inter / union >= threshold) & (union > 0))
+        src.append(i + lo)
+        dst.append(j)
+    graph = sparse.coo_matrix((np.ones(sum(map(len, src)), np.int8), (np.concatenate(src), np.concatenate(dst))),
+                              shape=(len(sets), len(sets)))
+    return connected_components(graph, directed=False)[1], len(sets) * (len(sets) - 1) // 2
+
+
+def bench_bucket(n: int, workers: int) -> None:
+    ids, docs, which = make_templated(n)
+    cfg = mh.Shingling("word", 3)
+    a, b = mh.permutations(128, 1)
+    keys = mh.band_keys(mh.signatures(docs, cfg, a, b), *mh.lsh_params(0.8, 128, 0.05, 0.95))
+    sizes = sorted((len(g) for g in mh.buckets(keys)), reverse=True)
+    print(f"big-bucket corpus: {len(docs):,} docs; buckets over {mh.BIG_BUCKET}: "
+          f"{sum(s > mh.BIG_BUCKET for s in sizes)}, biggest {sizes[0]:,}")
+    mh.find_clusters(ids[:50], docs[:50])  # compile the kernel outside the timing
+    t = time.perf_counter()
+    cl = mh.find_clusters(ids, docs, workers=workers)
+    dt = time.perf_counter() - t
+    print(f"find_clusters on the big-bucket corpus: {dt:.2f} s ({len(docs) / dt:,.0f} docs/s), kept "
+          f"{len(cl.kept()):,}, candidates checked {cl.candidates:,} ({cl.candidates / dt:,.0f} pairs/s)")
+    t = time.perf_counter()
+    expected, pairs = all_pairs_clusters(docs, cfg, 0.8)
+    dt = time.perf_counter() - t
+    same = len(set(zip(expected, cl.cluster_of))) == len(set(expected)) == len(set(cl.cluster_of))
+    print(f"all-pairs exact check ({pairs:,} pairs, {dt:.1f} s): clusters equal: {same}; "
+          f"the answer and its real duplicate together: "
+          f"{cl.cluster_of[which['answer']] == cl.cluster_of[which['duplicate']]} "
+          f"(all-pairs: {expected[which['answer']] == expected[which['duplicate']]})")
 
 
 def _rss_now_mb() -> float:
@@ -102,6 +186,7 @@ def bench_big(n: int, workers: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate-docs", type=int, default=100_000)
+    p.add_argument("--bucket", type=int, default=6000, help="documents of the big-bucket corpus (0 skips it)")
     p.add_argument("--big", type=int, default=500_000, help="documents for the big run (0 skips it)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--only-big", action="store_true", help=argparse.SUPPRESS)
@@ -111,6 +196,8 @@ def main() -> None:
         return
     print(f"python {sys.version.split()[0]}, cpus {os.cpu_count()}")
     bench_rate(args.rate_docs, args.workers)
+    if args.bucket:
+        bench_bucket(args.bucket, args.workers)
     if args.big:  # in a fresh process, so its peak RSS is its own
         import subprocess
 

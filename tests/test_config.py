@@ -144,6 +144,20 @@ def test_base_job_is_valid(jd: JobDir):
     assert not jd.out.exists()  # validating writes nothing
 
 
+@pytest.mark.parametrize("schema", [True, False])
+def test_a_boolean_json_schema_is_a_valid_schema_filter(jd: JobDir, schema: bool):
+    # true / false are whole JSON Schemas in draft 2020-12 (accept all / accept nothing).
+    job = load_job(jd.write_with({"filters": ["nonempty", {"name": "schema", "json_schema": schema}]}))
+    runner.prepare(job)
+    assert job.filters[1].json_schema is schema
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", "yes", None])
+def test_a_json_schema_that_is_neither_object_nor_boolean_is_refused(jd: JobDir, value: Any):
+    msg = config_error(jd.write_with({"filters": [{"name": "schema", "json_schema": value}]}))
+    assert msg.startswith(f"{jd.job}: filters[0]"), msg
+
+
 def test_relative_paths_resolve_against_job_folder_not_cwd(jd: JobDir, tmp_path: Path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

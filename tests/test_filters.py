@@ -139,6 +139,15 @@ def test_json_schema(response, keep, reason):
     assert (v.keep, v.reason) == (keep, reason), v
 
 
+def test_boolean_json_schemas_accept_all_or_nothing():
+    assert verdict({"name": "schema", "json_schema": True}, '{"anything": [1, 2]}').keep
+    for response in ('{"order_id": "A1", "qty": 2}', "[]", "7"):
+        v = verdict({"name": "schema", "json_schema": False}, response)
+        assert (v.keep, v.reason) == (False, "schema.invalid") and "False schema" in v.details, v
+    v = verdict({"name": "schema", "json_schema": True}, "no json here")
+    assert (v.keep, v.reason) == (False, "schema.invalid_json")
+
+
 def test_pydantic_model_by_import_path():
     spec = {"name": "schema", "model": "datagen.prompts:Shot"}  # any pydantic model importable here
     assert verdict(spec, '{"vars": {"x": 1}, "answer": "y"}').keep
@@ -192,6 +201,63 @@ def test_math_answers(text, reference, same):
     else:
         assert v.keep is same, (v, extract_answer(text))
         assert v.reason == ("ok" if same else "math.wrong_answer")
+
+
+# Chat-model answer styles that carry the right answer: each must be kept.
+CHAT_STYLE_RIGHT = [
+    ("**Final answer:** 18", "18"),
+    ("The answer is **18**.", "18"),
+    ("**Answer: 18**", "18"),
+    ("Final Answer: The final answer is 18. I hope it is correct.", "18"),
+    ("Final Answer: The final answer is $18$. I hope it is correct.", "18"),
+    ("**Final Answer:** $18$", "18"),
+    ("**Final Answer**: 18", "18"),
+    ("__Answer:__ 18", "18"),
+    ("The answer is *18*.", "18"),
+    ("#### **18**", "18"),
+    ("#### Final answer: 18", "18"),
+    ("So she has 18 left.\n\n**Final answer:** \\boxed{18}", "18"),
+    ("\\boxed{18}", "18"),
+    ("#### 18", "18"),
+    ("The answer is $18.", "18"),
+    ("**Answer:** $18", "$18"),
+    ("The answer is 18.0", "18"),
+    ("**Final answer:** 18.0", "18"),
+    ("**Final answer:** 1,800", "1800"),
+    ("The answer is **1,800** dollars.", "1,800"),
+]
+
+# Wrong answers in the same styles: each must stay rejected.
+CHAT_STYLE_WRONG = [
+    ("The answer is **17**", "18"),
+    ("**Final answer:** 17", "18"),
+    ("Final Answer: The final answer is 17. I hope it is correct.", "18"),
+    ("Final answer: 18 ... wait, actually 19", "18"),
+    ("Final answer: 18, wait, actually 19", "18"),
+    ("The answer is **18** or **19**.", "18"),
+    ("The answer is 18 or 19.", "18"),
+    ("**Answer:** 17, 18", "18"),
+    ("**Answer: 18**. Actually, the answer is **19**.", "18"),
+    ("The answer is **180**.", "18"),
+    ("The answer is **-18**.", "18"),
+    ("**Final answer:** 18.5", "18"),
+    ("**Final answer:** 1,800", "18"),
+    ("The answer is 3**2", "32"),  # a power, not bold: 9, not 32
+    ("The answer is **18 + 1**", "18"),
+    ("The answer is $18^2$", "18"),
+]
+
+
+@pytest.mark.parametrize("text,reference", CHAT_STYLE_RIGHT)
+def test_chat_model_answer_styles_are_kept(text, reference):
+    v = verdict({"name": "math"}, text, seed={"id": 1, "answer": reference})
+    assert (v.keep, v.reason) == (True, "ok"), (v, extract_answer(text))
+
+
+@pytest.mark.parametrize("text,reference", CHAT_STYLE_WRONG)
+def test_chat_model_wrong_answers_stay_rejected(text, reference):
+    v = verdict({"name": "math"}, text, seed={"id": 1, "answer": reference})
+    assert not v.keep and v.reason in ("math.wrong_answer", "math.no_answer"), (v, extract_answer(text))
 
 
 def test_math_extraction_prefers_boxed_then_hashes_then_answer_is():

@@ -155,6 +155,103 @@ def test_a_huge_bucket_of_templated_answers_is_linear_not_quadratic():
     assert cl.candidates < 100_000  # checked pairs: far from 4.5M
 
 
+def _verified_candidate_clusters(ids, texts, threshold=0.8, num_perm=128):
+    """The spec, pair by pair: connected components of the LSH candidate pairs (default
+    bands) whose exact Jaccard passes, as a set of id sets; and the largest bucket."""
+    cfg = mh.Shingling()
+    a, b = mh.permutations(num_perm, 1)
+    keys = mh.band_keys(mh.signatures(texts, cfg, a, b), *mh.lsh_params(threshold, num_perm, 0.05, 0.95))
+    sets = [set(mh.shingle_hashes(t, cfg).tolist()) for t in texts]
+    uf = mh.UnionFind(len(ids))
+    for i, j in mh.candidate_pairs(keys):
+        if mh.jaccard(sets[i], sets[j]) >= threshold:
+            uf.union(i, j)
+    return _partition(ids, [uf.find(i) for i in range(len(ids))]), max(len(g) for g in mh.buckets(keys))
+
+
+def _partition(ids, cluster_of):
+    groups: dict[int, set[str]] = {}
+    for i, c in enumerate(cluster_of):
+        groups.setdefault(c, set()).add(ids[i])
+    return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("copies", [150, 600])
+def test_a_real_duplicate_is_found_however_many_near_copies_share_its_bucket(copies):
+    # A text, a real duplicate of it (J=0.81: 7 words changed), and `copies` near-copies of
+    # the text (1 word changed, J=0.78 to the duplicate). The near-copies fill the text's
+    # buckets; adding more of them must not separate the duplicate from the text.
+    rng = random.Random(0)
+    vocab = _vocab(rng)
+    text = [rng.choice(vocab) for _ in range(200)]
+
+    def changed(positions):
+        w = list(text)
+        for p in positions:
+            w[p] = rng.choice(vocab)
+        return " ".join(w)
+
+    ids = ["text", "text-dup"] + [f"copy-{i:04d}" for i in range(copies)]
+    texts = [" ".join(text), changed(range(110, 180, 10))] + [changed([rng.randrange(100)]) for _ in range(copies)]
+    expected, biggest = _verified_candidate_clusters(ids, texts)
+    assert any({"text", "text-dup"} <= c for c in expected)  # the pair is a verified candidate
+    assert (biggest > mh.BIG_BUCKET) == (copies > 300)  # 600 copies: the big-bucket path
+    cl = mh.find_clusters(ids, texts)
+    assert cl.cluster_of[1] == cl.cluster_of[0]
+    assert _partition(ids, cl.cluster_of) == expected
+
+
+def _walk(pos, members, radius, joined=()):
+    """cluster_bucket over points on a line (the metric |a - b|); returns the clusters
+    and the pairs it checked."""
+    from datagen.dedupe.big_buckets import cluster_bucket
+
+    uf = mh.UnionFind(len(pos))
+    for i, j in joined:  # pairs joined before, as another band or exact copies would
+        uf.union(i, j)
+    calls = []
+
+    def check(x, y):
+        assert x < y
+        calls.append((x, y))
+        d = float(abs(pos[x] - pos[y]))
+        if d <= radius:
+            uf.union(x, y)
+        return d <= radius, d
+
+    cluster_bucket(members, radius=radius, root=uf.find, check=check)
+    return _partition(list(map(str, range(len(pos)))), [uf.find(i) for i in range(len(pos))]), calls
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_big_bucket_walk_equals_components_of_every_passing_pair(seed):
+    # Integer points (many pairs at exactly the radius): dense runs, sparse runs that chain,
+    # isolated points; random order; some pairs joined beforehand. The clusters must be the
+    # components of every pair within the radius plus the pairs joined before.
+    rng = random.Random(seed)
+    n, radius = 400, 2.0
+    pos = [rng.choice([rng.randrange(60), 1000 + rng.randrange(300), 5000 + 3 * rng.randrange(200)])
+           for _ in range(n)]
+    members = list(range(n))
+    rng.shuffle(members)
+    joined = [(rng.randrange(n), rng.randrange(n)) for _ in range(20)]
+    truth = mh.UnionFind(n)
+    for i, j in joined + [(i, j) for i in range(n) for j in range(i + 1, n) if abs(pos[i] - pos[j]) <= radius]:
+        truth.union(i, j)
+    got, _ = _walk(pos, members, radius, joined)
+    assert got == _partition(list(map(str, range(n))), [truth.find(i) for i in range(n)])
+
+
+def test_big_bucket_walk_checks_templated_clusters_about_once_per_member():
+    # Two tight clusters far apart (templated answers of two kinds): each member is checked
+    # against one centre of its own cluster and one of the other, not against every member.
+    rng = random.Random(1)
+    pos = [rng.choice([0, 1000]) + rng.random() for _ in range(2000)]
+    got, calls = _walk(pos, list(range(2000)), 2.0)
+    assert sorted(map(len, got)) == sorted([sum(p < 500 for p in pos), sum(p > 500 for p in pos)])
+    assert len(calls) <= 2 * len(pos)
+
+
 def test_texts_without_words_are_nobodys_duplicates():
     cl = mh.find_clusters(list("abcde"), ["", "!!!", "👍", "❤️ 🙏", "real words here"])
     assert cl.cluster_of == [0, 1, 2, 3, 4]

@@ -16,7 +16,12 @@ LSH banding uses datasketch's ``_optimal_param`` to choose bands and rows from t
 false-positive / false-negative weights, then groups documents whose band slices are
 equal. Candidates are verified (exact Jaccard of the sets of 32-bit shingle hashes by
 default -- a hash collision moves one pair's Jaccard by at most 1/|union| -- or the
-signature estimate), and verified pairs are joined with union-find.
+signature estimate), and verified pairs are joined with union-find. The clusters are
+exactly the connected components of the candidate pairs that pass the check: a bucket of
+more than ``BIG_BUCKET`` documents skips pairs already in one cluster and pairs the
+triangle inequality rules out (``big_buckets``), never a pair that could pass. Pairs the
+LSH never makes candidates (a pair at J=0.8 shares no band with p=0.05) are not clusters'
+edges: the clusters are not those of every pair over the threshold.
 
 The kept row of each cluster is the one with the smallest row id. The clusters depend
 only on the set of documents, never on their order, on how many workers ran, or on
@@ -34,9 +39,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from datagen.dedupe.big_buckets import cluster_bucket
+
 MASK32 = 0xFFFFFFFF
-BIG_BUCKET = 256  # above this, a bucket is walked cluster by cluster (see find_clusters)
-BIG_BUCKET_TRIES = 8
+BIG_BUCKET = 256  # above this, find_clusters verifies a bucket through big_buckets (exact)
+BIG_BUCKET_TRIES = 8  # streaming only: members tried per cluster in a bucket above BIG_BUCKET
 _M1 = 0x9E3779B1  # n-gram combination multiplier (odd)
 _NONWORD = re.compile(r"[^\w\s]+")
 # The same classes for ASCII text, built from the regex itself so both paths agree.
@@ -512,9 +519,11 @@ class Clusters:
 
     ids: list[str]
     cluster_of: list[int]  # index of the kept (smallest-id) member of each doc's cluster
+    # Verified pairs. Every passing candidate pair of buckets up to BIG_BUCKET; in a bigger
+    # bucket only those verified before their ends were in one cluster (enough to join it).
     edges: set[tuple[int, int]] = field(default_factory=set)
     exact_duplicates: int = 0
-    candidates: int = 0
+    candidates: int = 0  # distinct pairs verified
 
     def kept(self) -> list[int]:
         return [i for i, c in enumerate(self.cluster_of) if c == i]
@@ -572,10 +581,8 @@ def find_clusters(ids: Sequence[str], texts: Sequence[str], *, cfg: Shingling = 
     checked: set[tuple[int, int]] = set()
     sets: dict[int, np.ndarray] = {}  # sorted unique shingle hashes: ~1 KB a document, not ~30 KB
 
-    def similar(x: int, y: int) -> bool:
-        """Verify candidate (x, y), indices into ``reps``; each pair is checked once."""
-        if (x, y) in checked:
-            return (reps[x], reps[y]) in edges
+    def check(x: int, y: int) -> tuple[bool, float]:
+        """Verify candidate (x, y), indices into ``reps`` with x < y: (similar, distance)."""
         checked.add((x, y))
         i, j = reps[x], reps[y]
         if verify == "exact":
@@ -584,35 +591,23 @@ def find_clusters(ids: Sequence[str], texts: Sequence[str], *, cfg: Shingling = 
                     sets[k] = np.unique(shingle_hashes(stext[k], cfg))
             inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
             union = len(sets[i]) + len(sets[j]) - inter
-            ok = (inter / union if union else 1.0) >= threshold
+            sim = inter / union if union else 1.0
         else:
-            ok = float(np.mean(sig[x] == sig[y])) >= threshold
-        if ok:
+            sim = float(np.mean(sig[x] == sig[y]))
+        if sim >= threshold:
             edges.add((i, j))
             uf.union(i, j)
-        return ok
+        return sim >= threshold, 1.0 - sim
 
     for members in buckets(band_keys(sig, bands, rows)):
-        if len(members) <= BIG_BUCKET:  # every pair: the common case, exact
+        if len(members) <= BIG_BUCKET:  # every pair, each checked once over all bands
             for jj in range(1, len(members)):
                 for ii in range(jj):
-                    similar(members[ii], members[jj])
+                    if (members[ii], members[jj]) not in checked:
+                        check(members[ii], members[jj])
             continue
-        # A huge bucket (templated answers): compare each member with a few members of
-        # each cluster seen so far in the bucket, not with every member.
-        groups: dict[int, list[int]] = {}  # cluster root -> bucket members in it, in id order
-        for y in members:
-            for root in sorted(groups):
-                if uf.find(reps[y]) == uf.find(root):
-                    continue
-                for x in groups[root][:BIG_BUCKET_TRIES]:
-                    if similar(x, y):
-                        break
-            merged: dict[int, list[int]] = {}
-            for root, xs in groups.items():  # unions above may have joined groups
-                merged.setdefault(uf.find(root), []).extend(xs)
-            merged.setdefault(uf.find(reps[y]), []).append(y)
-            groups = merged
+        # A huge bucket (templated answers): exact clusters without every pair (big_buckets).
+        cluster_bucket(members, radius=1.0 - threshold, root=lambda x: uf.find(reps[x]), check=check)
     roots = [uf.find(i) for i in range(n)]  # the root is the smallest index = smallest id
     cluster_of = [0] * n
     for pos, i in enumerate(order):

@@ -3,6 +3,13 @@ reference (from the seed row), numerically and symbolically.
 
 Extraction, first that applies: the last ``\\boxed{...}`` (or ``\\fbox``), a GSM8K
 ``#### 42`` line, the last "the answer is ..." / "final answer: ...", the last number.
+Markdown emphasis is removed first (``**18**``, ``__18__``, ``*18*``; not ``3**2``, a
+power), and a phrase inside the phrase's answer is followed to its end ("Final Answer:
+The final answer is 18." reads 18). The phrase's answer runs to the end of its sentence
+or line; an ellipsis does not end it ("18 ... wait, 19" is not a number, so it is wrong).
+
+Not covered: a retraction that starts a new sentence with no answer phrase ("The answer
+is 18. Wait, it is 19." reads 18), and text after a ``\\boxed{}`` (the box wins).
 
 Equality: both sides are normalised (LaTeX ``\\frac``, ``\\text{units}``, ``$``, ``\\%``,
 thousands separators, trailing units, ``x = 5``), then compared as exact fractions
@@ -23,8 +30,12 @@ from pydantic import Field
 from datagen.filters.base import Context, Filter, FilterSpec, Row, Seed, Verdict, require_field
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\.\d+%?")
-_ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)",
-                        re.IGNORECASE | re.MULTILINE)
+# The answer after the phrase ends at a sentence's period (not an ellipsis's) or the line's end.
+_ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*(.+?)"
+                        r"(?:(?<!\.)\.(?!\.)\s|\.?$|\n)", re.IGNORECASE | re.MULTILINE)
+# Markdown emphasis: a pair of markers around non-space text, not inside a word (3**2 is a power).
+_EMPHASIS = (re.compile(r"(?<!\w)(\*\*|__)(?=\S)(.+?)(?<=\S)\1(?!\w)"),
+             re.compile(r"(?<![\w*])\*(?=[^\s*])([^*\n]+?)(?<=[^\s*])\*(?![\w*])"))
 _HASHES = re.compile(r"####\s*(.+)")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _TRAILING_WORDS = re.compile(r"(?<=[\d%.])\s+(?:[A-Za-z]{2,}\.?\s*)+$")
@@ -43,8 +54,26 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
+def strip_emphasis(text: str) -> str:
+    """``text`` without markdown bold and italics markers."""
+    text = _EMPHASIS[0].sub(r"\2", text)
+    return _EMPHASIS[1].sub(r"\1", text)
+
+
+def _after_phrase(text: str) -> str | None:
+    """What follows the last answer phrase, followed into a phrase nested in it."""
+    m = None
+    for m in _ANSWER_IS.finditer(text):
+        pass
+    if not m or not m.group(1).strip():
+        return None
+    got = m.group(1).strip()
+    return _after_phrase(got) or got
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer in a worked solution, or None when there is none."""
+    text = strip_emphasis(text)
     for macro in ("\\boxed", "\\fbox"):
         i = text.rfind(macro + "{")
         if i >= 0:
@@ -55,11 +84,10 @@ def extract_answer(text: str) -> str | None:
     for m in _HASHES.finditer(text):
         pass
     if m:
-        return m.group(1).strip()
-    for m in _ANSWER_IS.finditer(text):
-        pass
-    if m and m.group(1).strip():
-        return m.group(1).strip()
+        return _after_phrase(m.group(1)) or m.group(1).strip()
+    got = _after_phrase(text)
+    if got:
+        return got
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 

@@ -4,6 +4,10 @@ Schema written in the job file, or a pydantic model named by import path.
     filters:
       - {name: schema, json_schema: {type: object, required: [order_id], properties: {...}}}
       - {name: schema, model: "mypkg.schemas:Order"}
+
+A JSON Schema may be ``true`` (any JSON value passes) or ``false`` (none does), as draft
+2020-12 allows; a row without a JSON value is dropped either way. Other scalars are refused
+(no coercion: ``1`` or ``"yes"`` is not ``true``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, model_validator
 
 from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 
@@ -43,7 +47,8 @@ _JSONSCHEMA_REASONS = {"required": "schema.missing_field", "type": "schema.wrong
 
 class SchemaSpec(FilterSpec):
     name: Literal["schema"] = "schema"
-    json_schema: dict[str, Any] | None = Field(None, description="a JSON Schema (draft 2020-12)")
+    json_schema: dict[str, Any] | StrictBool | None = Field(
+        None, description="a JSON Schema (draft 2020-12): an object, or true / false")
     model: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                               description="a pydantic model, 'package.module:Class'")
 
@@ -73,7 +78,7 @@ class SchemaSpec(FilterSpec):
 class JsonSchemaCheck(Filter):
     name = "schema"
 
-    def __init__(self, schema: dict[str, Any]):
+    def __init__(self, schema: dict[str, Any] | bool):
         from jsonschema import Draft202012Validator
 
         self.validator = Draft202012Validator(schema)
