@@ -26,6 +26,10 @@ edges: the clusters are not those of every pair over the threshold.
 The kept row of each cluster is the one with the smallest row id. The clusters depend
 only on the set of documents, never on their order, on how many workers ran, or on
 ``PYTHONHASHSEED`` (nothing here uses Python's ``hash()``).
+
+Long: signatures, banding and verified clustering share one data layout (shingle hash
+sets, signature matrices) and are tested against datasketch together; the big-bucket
+walk is ``big_buckets.py``.
 """
 
 from __future__ import annotations
