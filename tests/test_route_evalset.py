@@ -165,3 +165,31 @@ def test_student_head_size_vllm_cannot_serve_is_one_line(tmp_path):
     check_servable(str(tmp_path), 1024)
     with pytest.raises(DatagenError, match="max_model_len 2048 exceeds its max_position_embeddings 1024"):
         check_servable(str(tmp_path), 2048)
+
+
+def test_hf_fallback_writes_an_eval_table_the_report_reads(tmp_path):
+    """The whole `route eval` path without Ray or vLLM: a tiny random student, a traffic file."""
+    import yaml
+
+    from datagen.route import infer, report
+    from datagen.train import student
+    from datagen.train.config import Student
+
+    cfg = yaml.safe_load((REPO / "examples" / "train.yaml").read_text())["student"]
+    model, tok = student.build(Student.model_validate(cfg), seed=0)
+    student.save_final(model, tok, tmp_path / "student")
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"order {i}?", "teacher_response": str(i)}) + "\n"
+                               for i in range(6)))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "data": {"traffic": "traffic.jsonl"}, "output": "eval.jsonl",
+        "student": {"path": "student", "backend": "hf", "max_tokens": 4, "samples": 1, "logprobs": 3}}))
+    ev = infer.load(tmp_path / "eval.yaml")
+    rows, summary = infer.build(ev)
+    infer.write(ev, rows, summary)
+    back = report.read_rows(tmp_path / "eval.jsonl")
+    assert [r["id"] for r in back] == [f"q{i}" for i in range(6)]
+    assert all(r["quality"] == "teacher_agreement" and r["q_teacher"] == 1.0 for r in back)
+    assert all(r["signals"]["mean_entropy"] is not None and r["signals"]["agreement"] is not None for r in back)
+    assert summary["requests"] == 12 and summary["counts"]["rows"] == 6
+    assert json.loads(infer.meta_path(tmp_path / "eval.jsonl").read_text())["backend"] == "hf"
