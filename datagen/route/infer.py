@@ -78,7 +78,7 @@ class Source(Strict):
     @model_validator(mode="after")
     def _one(self) -> Source:
         if (self.path is None) == (self.traffic is None):
-            raise ValueError("data: give exactly one of path (a datagen output) or traffic (a file)")
+            raise ValueError("give exactly one of path (a datagen output) or traffic (a file)")
         return self
 
 
