@@ -128,6 +128,13 @@ class NearDuplicates:
             self._merge()
         return out
 
+    def matches(self, texts: list[str]) -> list[bool]:
+        """Whether each text is a near-duplicate of an indexed prompt; nothing is indexed
+        (an eval set screened against training prompts: ``route/evalset.py``)."""
+        keys = self.keys(texts)
+        return [self._near(texts[k], row, cands) is None for k, (row, cands)
+                in enumerate(zip(keys.tolist(), self._merged_candidates(keys)))]
+
     def _merged_candidates(self, keys: np.ndarray) -> list[set[int]]:
         """For each row of ``keys``: indexed prompts sharing a bucket, from the arrays."""
         found: list[set[int]] = [set() for _ in range(len(keys))]
@@ -141,7 +148,8 @@ class NearDuplicates:
                 found[t].update(self._ids[band][lo[t]:hi[t]].tolist())
         return found
 
-    def _check(self, text: str, keys: list[int], candidates: set[int]) -> bool:
+    def _near(self, text: str, keys: list[int], candidates: set[int]) -> np.ndarray | None:
+        """None when ``text`` is a near-duplicate of an indexed prompt, else its shingle hashes."""
         hashes = np.unique(minhash.shingle_hashes(text, self.shingling))
         for band, key in enumerate(keys):
             candidates.update(self._recent[band].get(key, ()))
@@ -150,7 +158,13 @@ class NearDuplicates:
             inter = len(np.intersect1d(hashes, other, assume_unique=True))
             union = len(hashes) + len(other) - inter
             if (inter / union if union else 1.0) >= self.cfg.threshold:
-                return True
+                return None
+        return hashes
+
+    def _check(self, text: str, keys: list[int], candidates: set[int]) -> bool:
+        hashes = self._near(text, keys, candidates)
+        if hashes is None:
+            return True
         idx = len(self.sets)
         self.sets.append(hashes)
         for band, key in enumerate(keys):

@@ -10,8 +10,12 @@ Modules, in reading order:
 - ``costs.py``: USD per 1,000 queries for all-student, all-teacher and the cascade;
 - ``router.py``: ``router.json`` and ``decide(answer)`` for a serving stack (import-light);
 - ``report.py``: the report from a table of eval rows;
-- ``cli.py``: ``datagen route report`` / ``datagen route check``.
+- ``evalset.py``: eval sets that do not flatter (held-out prompts from every stream,
+  screened against training prompts; traffic files) and the quality check;
+- ``infer.py``: the student answers through the teacher fleet (vLLM in Ray actors, an
+  OpenAI-compatible endpoint, or HF one at a time) and the eval table is written;
+- ``cli.py``: ``datagen route eval`` / ``report`` / ``check``.
 
-Formulas and what each number means: ``docs/routing.md``. Nothing here imports torch,
-ray or vllm.
+Formulas and what each number means: ``docs/routing.md``. Only ``infer.py`` runs torch,
+ray or vllm, imported when a backend runs.
 """

@@ -1,4 +1,5 @@
-"""``datagen route report EVAL`` and ``datagen route check router.json TRAFFIC``.
+"""``datagen route eval EVAL.yaml``, ``datagen route report EVAL`` and
+``datagen route check router.json TRAFFIC``.
 
 Kept apart from ``datagen/cli.py``, which only registers the verb (``add_parser``).
 """
@@ -17,6 +18,9 @@ from datagen.errors import EXIT_ERROR
 def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("route", help="the student as router: report on eval rows, drift check on traffic")
     verbs = r.add_subparsers(dest="route_command", required=True)
+    p = verbs.add_parser("eval", help="the student answers an eval set; writes the eval table `report` reads")
+    p.add_argument("eval_config", help="YAML (route/infer.py: RouteEval); see examples/route_eval.yaml")
+    p.set_defaults(func=run_eval)
     p = verbs.add_parser("report", help="routing report and router.json from eval rows (JSONL or Parquet)")
     p.add_argument("eval_file")
     p.add_argument("--out", required=True, help="folder for report.json and router.json")
@@ -32,17 +36,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_check)
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from datagen.route import infer
+
+    cfg = infer.load(args.eval_config)
+    rows, summary = infer.build(cfg)
+    infer.write(cfg, rows, summary)
+    print(eval_line(summary) + f"; table: {cfg.output}")
+    return 0
+
+
+def eval_line(summary: dict) -> str:
+    c = summary["counts"]
+    held = (f"{c['held_out']} held-out prompts, {c.get('contaminated', 0)} dropped as near-duplicates of "
+            f"training prompts, " if "held_out" in c else "")
+    return (f"eval set {summary['source']}: {held}{c['rows']} rows; quality: {summary['quality']}; student "
+            f"{summary['backend']}: {summary['rows_per_s']:.2f} rows/s")
+
+
 def run_report(args: argparse.Namespace) -> int:
-    from datagen.route import report, router
+    from datagen.route import infer, report, router
     from datagen.route.costs import CostModel
     from datagen.storage.shards import atomic_write_text
     from datagen.validation import read_model
 
     cost = read_model(Path(args.cost), CostModel, what="cost file") if args.cost else None
     rows = report.read_rows(args.eval_file)
+    meta = infer.meta_path(args.eval_file)
     out, chosen = report.build(rows, eval_sha256=report.file_sha256(args.eval_file), tolerance=args.tolerance,
                                cost=cost, calibration_fraction=args.calibration_fraction, seed=args.seed,
                                quality_floor=args.quality_floor)
+    if meta.is_file():  # written by `datagen route eval`
+        out["eval_set"] = json.loads(meta.read_text())
+        print(eval_line(out["eval_set"]))
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "report.json", json.dumps(out, indent=1))

@@ -152,6 +152,7 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
         "baselines": {"all_student": weak, "all_teacher": strong,
                       "random": metrics.summary(metrics.random_curve(ts, tt), weak, strong)},
         "routers": {}, "skipped": skipped,
+        "quality": sorted({str(r["quality"]) for r in rows if r.get("quality")}),  # how q was scored
     }
     oracle = metrics.oracle_curve(ts, tt)
     report["baselines"]["oracle"] = {**metrics.summary(oracle, weak, strong), "curve": oracle.to_json()}

@@ -1,6 +1,7 @@
 """What every teacher backend takes and returns.
 
-A backend gets a batch of ``{"row_id", "messages", "seed"}`` dicts and returns one
+A backend gets a batch of ``{"row_id", "messages", "seed"}`` dicts (optionally
+``"temperature"``, overriding the teacher's own for that request) and returns one
 ``Generation`` per request, in order. A request that cannot be answered after the
 backend's bounded retries comes back with ``error`` set (``"code: message"``) instead
 of raising, so one bad row never sinks its batch; anything that breaks the backend

@@ -315,7 +315,7 @@ class OpenAICompatibleTeacher:
         s = self.cfg.sampling
         body: dict[str, Any] = {
             "model": self.cfg.model, "messages": request["messages"],
-            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+            "temperature": request.get("temperature", s.temperature), "top_p": s.top_p, "max_tokens": s.max_tokens,
             "seed": request["seed"],
         }
         if s.stop:

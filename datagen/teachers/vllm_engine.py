@@ -297,7 +297,7 @@ class VLLMEngineTeacher:
                 prompts.append(ids)
         if ok:
             start = time.perf_counter()
-            outs = await self._run(prompts, [self._params(r["seed"]) for r in ok])
+            outs = await self._run(prompts, [self._params(r["seed"], **_override(r)) for r in ok])
             latency = (time.perf_counter() - start) / len(ok)
             for r, out in zip(ok, outs):
                 results[r["row_id"]] = self._to_generation(r["row_id"], out, latency)
@@ -361,6 +361,11 @@ class VLLMEngineTeacher:
                 g.token_logprobs, g.top_ids, g.top_logprobs = _positions(resp, out.prompt_logprobs[cut:], k)
                 results[r["row_id"]] = g
         return [results[r["row_id"]] for r in requests]
+
+
+def _override(request: dict[str, Any]) -> dict[str, Any]:
+    """A request's own ``temperature`` (a router's extra samples of the same prompt)."""
+    return {"temperature": request["temperature"]} if request.get("temperature") is not None else {}
 
 
 def _exit_for_restart(why: str, *, kill_engine: bool = False) -> None:
