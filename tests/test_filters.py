@@ -29,7 +29,8 @@ def verdict(spec: str | dict, response: str | None, seed: dict | None = None, **
 
 
 def test_every_registered_filter_builds_from_its_bare_name_or_minimal_params():
-    minimal = {"schema": {"json_schema": {"type": "object"}}, "judge": {"teacher": "t"}}
+    minimal = {"schema": {"json_schema": {"type": "object"}}, "judge": {"teacher": "t"},
+               "fields": {"fields": ["order_id"]}}
     context = {"teachers": {"t": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9"}}}
     for name in FILTERS:
         chain = FilterChain([{"name": name, **minimal.get(name, {})}], TEXT, context=context)
@@ -339,3 +340,38 @@ def test_a_filter_that_raises_is_an_error_not_a_verdict():
     chain.filters.append(Broken(spec_of("length")))
     with pytest.raises(FilterError, match="filter 'length' failed: KeyError"):
         chain.run([row("fine")], [None])
+
+
+# --------------------------------------------------------------------------- fields
+
+FIELDS = {"name": "fields", "fields": ["order_id", "product"], "ids": ["order_id"]}
+TICKET = {"id": "t1", "order_id": "ORD-48213", "product": "Lumen desk lamp"}
+NO_ID = {"id": "t2", "order_id": None, "product": "kettle"}
+
+
+@pytest.mark.parametrize("response, seed, keep, reason, score", [
+    ('{"order_id": "ORD-48213", "product": "Lumen desk lamp"}', TICKET, True, "ok", 1.0),
+    ('{"order_id": "#48213", "product": " lumen  DESK lamp. "}', TICKET, True, "ok", 1.0),  # normalised
+    ('Sure! ```json\n{"order_id": 48213, "product": "Lumen desk lamp"}\n```', TICKET, True, "ok", 1.0),
+    ('{"order_id": "48123", "product": "Lumen desk lamp"}', TICKET, False, "fields.mismatch", 0.5),
+    ('{"order_id": "555-0142", "product": "desk lamp"}', TICKET, False, "fields.mismatch", 0.0),
+    ('{"product": "Lumen desk lamp"}', TICKET, False, "fields.missing", 0.5),
+    ('{"order_id": null, "product": "kettle"}', NO_ID, True, "ok", 1.0),
+    ('{"order_id": "N/A", "product": "Kettle"}', NO_ID, True, "ok", 1.0),  # a null-like string is null
+    ('{"order_id": "48213", "product": "kettle"}', NO_ID, False, "fields.mismatch", 0.5),  # invented id
+    ('{"order_id": null, "product": "Lumen desk lamp"}', TICKET, False, "fields.mismatch", 0.5),
+    ("the order is 48213", TICKET, False, "fields.invalid_json", 0.0),
+    ('["ORD-48213", "Lumen desk lamp"]', TICKET, False, "fields.invalid_json", 0.0),
+])
+def test_fields_compares_each_field_with_the_seed_reference(response, seed, keep, reason, score):
+    v = verdict(FIELDS, response, seed)
+    assert (v.keep, v.reason, v.score) == (keep, reason, score)
+
+
+def test_fields_refuses_seeds_without_the_reference_columns_but_takes_a_null_reference():
+    chain = FilterChain([FIELDS], TEXT)
+    chain.check_seeds([TICKET, NO_ID], id_field="id")  # null order_id: a reference ("none")
+    with pytest.raises(FilterError, match="seed 't3' has none"):
+        chain.check_seeds([TICKET, {"id": "t3", "product": "kettle"}], id_field="id")
+    with pytest.raises(ValueError, match="ids names fields not in fields"):
+        spec_of({"name": "fields", "fields": ["product"], "ids": ["order_id"]})

@@ -11,6 +11,7 @@ order; by default a row stops at its first drop (``short_circuit``). Every verdi
 ran is stored on the row.
 
 Modules: ``heuristics`` (cheap per-row checks), ``schema`` (JSON + JSON Schema / pydantic),
+``fields`` (a JSON answer's fields vs the seed's reference columns),
 ``math_answer`` (final answers vs a reference), ``code`` + ``sandbox`` (unit tests in a
 sandboxed subprocess), ``judge`` (a teacher grades with a rubric), ``consistency``
 (the samples of a prompt vote; the driver sends them as one group). Rule packs and
@@ -25,6 +26,7 @@ from typing import Any
 from datagen.filters.base import Context, Filter, FilterError, FilterSpec, Row, Seed, Verdict
 from datagen.filters.code import CodeSpec
 from datagen.filters.consistency import ConsistencySpec
+from datagen.filters.fields import FieldsSpec
 from datagen.filters.heuristics import (FormatSpec, LanguageSpec, LengthSpec, NonEmptySpec, NotTruncatedSpec,
                                         RefusalSpec, RepetitionSpec, TemplateLeakSpec)
 from datagen.filters.judge import JudgeSpec
@@ -41,6 +43,7 @@ FILTERS: dict[str, type[FilterSpec]] = {
     "language": LanguageSpec,
     "template_leak": TemplateLeakSpec,
     "schema": SchemaSpec,
+    "fields": FieldsSpec,
     "math": MathSpec,
     "code": CodeSpec,
     "judge": JudgeSpec,
