@@ -163,12 +163,13 @@ def test_validate_refuses_seeds_without_the_reference_a_filter_needs(tmp_path):
 
 
 def test_shipped_example_jobs_still_validate():
+    from datagen.route import infer
     from datagen.train.config import load_eval, load_train
 
     from .conftest import REPO
 
-    # examples/ also holds a trainer config and an eval config: each file by its own loader
-    other = {"train.yaml": load_train, "eval.yaml": load_eval}
+    # examples/ also holds a trainer config and eval configs: each file by its own loader
+    other = {"train.yaml": load_train, "eval.yaml": load_eval, "route_eval.yaml": infer.load}
     jobs = 0
     for path in sorted((REPO / "examples").glob("*.yaml")):
         if path.name in other:
