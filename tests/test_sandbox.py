@@ -74,7 +74,8 @@ def test_allocating_4_gb_hits_the_memory_limit():
 
 
 def test_writing_outside_the_temp_dir_is_refused(tmp_path):
-    target = Path(__file__).parent / f"owned-{uuid.uuid4().hex}.txt"  # a host dir the run's uid cannot write
+    # a host dir the run's uid cannot write, and never under /tmp (which the run may have its own of)
+    target = Path("/etc") / f"owned-{uuid.uuid4().hex}.txt"
     res = run(f"open({str(target)!r}, 'w').write('pwned')\n")
     assert (res.passed, res.reason) == (False, "code.permission_denied")
     assert not target.exists()
