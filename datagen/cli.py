@@ -1,13 +1,13 @@
 """``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, report, dedupe,
-rescore, export, verify, submit, jobs, licenses, train, eval, route.
+rescore, export, verify, submit, jobs, licenses, train, eval, route, onpolicy.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
 (committed rows are valid; ``datagen resume`` finishes the job); ``errors.EXIT_*``.
 
-Long: one argparse table for eighteen verbs, each verb a few lines that call the module
+Long: one argparse table for nineteen verbs, each verb a few lines that call the module
 that does its work (``run``, ``storage``, ``report``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``,
-``route``).
+``route``, ``onpolicy``).
 """
 
 from __future__ import annotations
@@ -504,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from datagen.route.cli import add_parser as add_route  # its own module: route/cli.py
     add_route(sub)
+    from datagen.onpolicy.cli import add_parser as add_onpolicy  # onpolicy/cli.py
+    add_onpolicy(sub)
     return p
 
 
