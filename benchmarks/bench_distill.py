@@ -180,7 +180,9 @@ def main() -> None:
     res = train_run("kd_base", str(init_dir), args.data, args.out, steps=base_steps, kd_weight=1.0, args=args)
     rounds = onpolicy_run(str(res.final_dir), args.out, args)
     models["kd+onpolicy"] = {"path": rounds[-1]["next_student"], "seconds": time.perf_counter() - t0,
-                             "steps": base_steps + sum(r["train_steps"] for r in rounds), "rounds": rounds}
+                             "steps": base_steps + sum(r["train_steps"] for r in rounds),
+                             "tokens": sum(s.tokens for s in res.log) + sum(r["train_tokens"] for r in rounds),
+                             "rounds": rounds}
     print(f"kd+onpolicy: {base_steps} KD steps + {args.rounds} x {args.round_steps} on-policy steps in "
           f"{models['kd+onpolicy']['seconds']:.0f} s", flush=True)
     models["teacher"] = {"path": str(embedded.materialize(TEACHER)), "seconds": 0.0}
@@ -202,12 +204,13 @@ def main() -> None:
 
     t = Table(title=f"support tickets, {len(rows)} held-out prompts (greedy, vLLM): student = teacher pruned to "
                     f"every {args.keep_every}th layer, {params / 1e6:.1f}M params; {args.steps} steps each")
-    for col in ("model", "field_acc", "exact", "agree w/ teacher", "token KL", "gap closure", "steps", "wall s"):
+    for col in ("model", "field_acc", "exact", "agree w/ teacher", "token KL", "gap closure", "steps", "tokens",
+                "wall s"):
         t.add_column(col, justify="right")
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for label, m in models.items():
         t.add_row(label, f(m["field_acc"]), f(m["exact"]), f(m["agree"]), f(m["kl"]), f(m["gap_closure"], 2),
-                  str(m.get("steps", "-")), f"{m['seconds']:.0f}")
+                  str(m.get("steps", "-")), str(m.get("tokens", "-")), f"{m['seconds']:.0f}")
     s = Table(title="field accuracy by template axis (the edge cases)")
     s.add_column("slice")
     for label in models:

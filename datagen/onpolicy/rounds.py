@@ -31,6 +31,7 @@ trained on. One teacher, self-hosted; the sampling student runs on the job's run
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +85,7 @@ def run(cfg: OnPolicyConfig, *, say: Callable[[str], None] = lambda line: None) 
             "samples": str(samples), "scored": str(scored), "rows": _count(scored),
             "teacher_kl_before": kl_before, "teacher_kl_after": token_kl(str(result.final_dir), rows),
             "kl_rows": len(rows), "train_steps": result.steps,
+            "train_tokens": sum(s.tokens for s in result.log),
             "seconds": {"sample": round(t1 - t0, 1), "score": round(t2 - t1, 1), "train": round(t3 - t2, 1)},
         }
         done.append(entry)
@@ -198,8 +200,12 @@ def _train(tc: Any) -> Any:
     from datagen.train import checkpoint
     from datagen.train.trainer import train
 
-    # a trainer that had saved its last step goes on from it (no step left: it saves final/ again)
-    return train(tc, resume=checkpoint.latest(tc.output / "checkpoints") is not None)
+    # a trainer that had saved its last step goes on from it (no step left: it saves final/ again);
+    # one killed before its first checkpoint left only a log behind: start it again
+    resume = checkpoint.latest(tc.output / "checkpoints") is not None
+    if not resume and tc.output.exists():
+        shutil.rmtree(tc.output)
+    return train(tc, resume=resume)
 
 
 def _kl_rows(tc: Any) -> list[dict[str, Any]]:
@@ -248,4 +254,4 @@ def token_kl(model_path: str, rows: list[dict[str, Any]], *, divergence: str = "
 def _count(store_path: Path) -> dict[str, int]:
     from datagen.storage import open_store
 
-    return dict(open_store(store_path).counts())
+    return dict(open_store(store_path).manifest.counts())
