@@ -33,6 +33,11 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
 check pacing; ``last_headers`` holds the headers of the latest one (lower-case names).
 
+The Batch API (``/v1/files``, ``/v1/batches``) is ``fake_batches.py``'s, on the same
+server: ``server.batches``, with its own faults.
+
+Long: one HTTP server with every fault kind the teachers are tested against, in one place.
+
 Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``
 (``--answer package.module:function`` picks the answer function; default: echo).
 """
@@ -52,6 +57,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from datagen.testing.fake_batches import FakeBatches
 
 FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "reset", "malformed", "truncated",
                "garbage", "undecodable", "kill_client")
@@ -262,6 +269,7 @@ class FakeOpenAIServer:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
         self._positions: dict[tuple[str, int, bool], dict[str, Any]] = {}  # see _position
+        self.batches = FakeBatches(self)
 
     # -- control ---------------------------------------------------------------------
     @property
@@ -343,6 +351,9 @@ class FakeOpenAIServer:
         path = path.split("?")[0].rstrip("/")
         if method == "GET" and path.endswith("/models"):
             h._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return
+        if "/files" in path or "/batches" in path:
+            self.batches.handle(h, method, path, data)
             return
         if method != "POST" or not path.endswith("/chat/completions"):
             h._json(404, {"error": {"message": "not found"}})
