@@ -214,6 +214,8 @@ class RunMetrics:
         }
         if final:
             line |= {"interrupted": stats.interrupted, "stop_reason": stats.stop_reason}
+        if stats.batches is not None and (batches := stats.batches.view()) is not None:
+            line["batches"] = batches  # provider batch jobs (datagen/batch/)
         if self.dashboard:
             line["dashboard"] = self.dashboard
         self._logged = (now, counters)
