@@ -87,6 +87,26 @@ def test_mode_and_batch_settings_leave_the_run_identity_alone():
     assert ident["price"] == {"input_per_mtok": 2.0, "output_per_mtok": 8.0}
 
 
+def test_a_job_has_one_fingerprint_online_or_in_batches_old_or_new(tmp_path):
+    import yaml
+
+    from datagen import run as runner
+    from datagen.config import parse_job
+
+    price = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+    base = yaml.safe_load(write_job(tmp_path, base_url="http://127.0.0.1:9/v1", count=4,
+                                    extra_teacher={"price": price}).read_text())
+    seen = set()
+    for extra in ({}, {"mode": "batch"}, {"mode": "batch", "batch": {"poll_s": 1, "max_rows": 10}}):
+        data = {**base, "teachers": [{**base["teachers"][0], **extra}]}
+        job = parse_job(data, where="job.yaml", base_dir=tmp_path)
+        stream = runner.prepare(job)[0]
+        seen.add((runner.run_fingerprint(job, stream.stream_hash),
+                  runner.run_fingerprint(job, stream.stream_hash, legacy=True)))
+    # the fingerprints datagen gave this job before batch mode existed (main at 620c7e6)
+    assert seen == {("2ef00435daaf2307c04bdd7350611428", "b8ccba4231cc7ab214bc79d20b16f168")}
+
+
 # -- the room against the fake server (no Ray) -------------------------------------------
 
 def test_lines_are_answered_like_online_rows_with_batch_cost(tmp_path, fake_server):
