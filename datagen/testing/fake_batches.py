@@ -28,18 +28,11 @@ import email.parser
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
+from datagen.testing.faults import Fault, take
+
 BATCH_FAULTS = ("upload_400", "slow", "hold", "expire", "failed_lines", "malformed_output", "fail")
-
-
-@dataclass
-class BatchFault:
-    kind: str
-    times: int | None = 1
-    match: str | None = None
-    seconds: float = 0.0
 
 
 class FakeBatches:
@@ -47,8 +40,8 @@ class FakeBatches:
         self.server = server  # the FakeOpenAIServer: its completion() answers each line
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
-        self._plans: dict[str, tuple[BatchFault | None, float]] = {}  # batch id -> (fault, created)
-        self._faults: list[BatchFault] = []
+        self._plans: dict[str, tuple[Fault | None, float]] = {}  # batch id -> (fault, created)
+        self._faults: list[Fault] = []
         self.calls: Counter = Counter()
         self.lines = 0
 
@@ -56,18 +49,11 @@ class FakeBatches:
         if kind not in BATCH_FAULTS:
             raise ValueError(f"unknown batch fault {kind!r}; known: {', '.join(BATCH_FAULTS)}")
         with self.server._lock:
-            self._faults.append(BatchFault(kind, times, match, seconds))
+            self._faults.append(Fault(kind, times, match, seconds))
 
-    def _take(self, upload: bool) -> BatchFault | None:
+    def _take(self, upload: bool) -> Fault | None:
         with self.server._lock:
-            for f in self._faults:
-                if (f.kind == "upload_400") == upload:
-                    if f.times is not None:
-                        f.times -= 1
-                        if f.times <= 0:
-                            self._faults.remove(f)
-                    return f
-        return None
+            return take(self._faults, lambda f: (f.kind == "upload_400") == upload)
 
     # -- HTTP --------------------------------------------------------------------------
     def handle(self, h: Any, method: str, path: str, data: bytes) -> None:
@@ -152,7 +138,7 @@ class FakeBatches:
                              status="expired" if kind == "expire" else "completed")
         return b
 
-    def _finish(self, b: dict[str, Any], fault: BatchFault | None, *, answer_first: int, status: str) -> None:
+    def _finish(self, b: dict[str, Any], fault: Fault | None, *, answer_first: int, status: str) -> None:
         """Answer the first ``answer_first`` lines, write the output and error files."""
         out, err = [], []
         lines = [json.loads(x) for x in self.files[b["input_file_id"]].splitlines() if x.strip()]

@@ -36,8 +36,6 @@ check pacing; ``last_headers`` holds the headers of the latest one (lower-case n
 The Batch API (``/v1/files``, ``/v1/batches``) is ``fake_batches.py``'s, on the same
 server: ``server.batches``, with its own faults.
 
-Long: one HTTP server with every fault kind the teachers are tested against, in one place.
-
 Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``
 (``--answer package.module:function`` picks the answer function; default: echo).
 """
@@ -55,10 +53,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from datagen.testing.fake_batches import FakeBatches
+from datagen.testing.faults import Fault, take
 
 FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "reset", "malformed", "truncated",
                "garbage", "undecodable", "kill_client")
@@ -66,15 +64,6 @@ VOCAB = 49152
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-@dataclass
-class Fault:
-    kind: str
-    times: int | None = 1
-    match: str | None = None
-    seconds: float = 0.0
-    retry_after: float = 0.1
 
 
 def echo_answer(messages: list[dict[str, str]]) -> str:
@@ -290,15 +279,7 @@ class FakeOpenAIServer:
 
     def _take_fault(self, messages: list[dict[str, Any]]) -> Fault | None:
         last = str(messages[-1].get("content", "")) if messages else ""
-        for f in self._faults:
-            if f.match is not None and f.match not in last:
-                continue
-            if f.times is not None:
-                f.times -= 1
-                if f.times <= 0:
-                    self._faults.remove(f)
-            return f
-        return None
+        return take(self._faults, lambda f: f.match is None or f.match in last)
 
     def start(self) -> FakeOpenAIServer:
         ready = threading.Event()
