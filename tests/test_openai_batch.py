@@ -300,3 +300,40 @@ def test_cancel_cancels_the_open_batches_and_resume_finishes(tmp_path, fake_serv
     assert fake_server.batches.calls["create"] == 2
     again = datagen("cancel", str(out))
     assert again.returncode == 0 and "0 open batches cancelled" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DATAGEN_TEST_VLLM_RUN_BATCH"),
+                    reason="opt-in (DATAGEN_TEST_VLLM_RUN_BATCH=1): ~5 min of vLLM on 2 shared cores, over CI's budget")
+def test_vllm_run_batch_reads_our_lines_and_its_output_becomes_rows(tmp_path):
+    """vLLM's own batch runner (``vllm.entrypoints.openai.run_batch``, CPU) on the input
+    file batch mode uploads, serving the embedded teacher: every line answered, and each
+    output line parsed as an online answer (text, usage, top-k with token ids). Opt-in:
+    it took 313 s on the shared 2-core machine, which CI's 45 min cannot spare."""
+    from datagen.batch.lines import read_results, request_line
+    from datagen.teachers import embedded
+    from datagen.teachers.openai_api import OpenAICompatibleTeacher
+
+    folder = embedded.materialize("embedded:smollm2-135m-instruct")
+    cfg = OpenAITeacher(name="smol", backend="openai", model=str(folder), base_url="http://127.0.0.1:9/v1",
+                        mode="batch", request_token_ids=True, sampling={"max_tokens": 16, "logprobs": 5})
+    reqs = [Request(row_id=f"r{i}", prompt_id=f"p{i}", sample_index=0, seed=i, teacher="smol", provenance={},
+                    messages=[{"role": "user", "content": q}])
+            for i, q in enumerate(["Say hello in French.", "Name three colours.", "What is 2 + 2?"])]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(request_line(cfg, r) for r in reqs))
+    cores = len(os.sched_getaffinity(0))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}" if cores > 1 else "0", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(tmp_path / "in.jsonl"),
+         "-o", str(tmp_path / "out.jsonl"), "--model", str(folder), "--enforce-eager", "--dtype", "float32",
+         "--max-model-len", "1024", "--max-logprobs", "5"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found, bad = read_results((tmp_path / "out.jsonl").read_text())
+    assert bad == 0 and sorted(found) == ["r0", "r1", "r2"]
+    parser = OpenAICompatibleTeacher(cfg)
+    for r in reqs:
+        g = parser.answer(r.row_id, found[r.row_id].body)
+        assert g.error is None and g.text and g.prompt_tokens > 0 and 0 < g.completion_tokens <= 16
+        assert len(g.token_ids) == g.completion_tokens and all(len(t) == 5 for t in g.top_ids)
