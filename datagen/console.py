@@ -50,7 +50,8 @@ def batch_line(view: dict[str, Any] | None) -> str | None:
         return None
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(view["by_status"].items()))
     rows = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in view["rows"].items() if n)
-    line = f"  batches  {view['submitted']} submitted{': ' + statuses if statuses else ''} · rows: {rows or 'none yet'}"
+    line = (f"  batches  {view['submitted']} submitted{': ' + statuses if statuses else ''}"
+            f" · rows: {rows or 'none yet'}")
     return line + (f" · last poll: {view['problem']}" if view["problem"] else "")
 
 

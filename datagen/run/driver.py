@@ -54,7 +54,8 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
         with StopFlag() as stop:
             if started_ray:
                 check_resources(job.teachers)
-            fleet = TeacherFleet([t for t in job.teachers if not t.in_batches], startup_timeout_s=job.runtime.startup_timeout_s,
+            online = [t for t in job.teachers if not t.in_batches]  # mode: batch runs no actor (datagen/batch/)
+            fleet = TeacherFleet(online, startup_timeout_s=job.runtime.startup_timeout_s,
                                  inflight_per_actor=job.runtime.inflight_per_actor)
             r = job.runtime
             filters = FilterPool(job.filters, stream.template.spec.answer, short_circuit=job.filter_short_circuit,
@@ -161,9 +162,10 @@ class Driver:
             refs = list(self.fleet.inflight) + self.filters.refs()
             if refs:
                 done, _ = ray.wait(refs, num_returns=1, timeout=self.batches.wait_s(1.0))
-            else:  # only provider batches are out
+            else:
                 done = []
-                time.sleep(self.batches.wait_s(1.0))
+                if self.batches.busy():  # only provider batches are out: until the next poll
+                    time.sleep(self.batches.wait_s(1.0))
             for teacher, work, results in self.batches.answers():
                 self.answered(teacher, work, results)
             for ref in done:
