@@ -187,6 +187,18 @@ def test_a_new_room_polls_the_batches_of_the_one_before(tmp_path, fake_server):
     assert fake_server.batches.calls["create"] == 2 and fake_server.batches.calls["upload"] == 2
 
 
+def test_a_finished_batch_whose_rows_were_not_committed_is_read_again_not_paid_again(tmp_path, fake_server):
+    first = BatchRoom([teacher(fake_server)], tmp_path)
+    submit(first, requests(4))
+    assert len(drain(first)) == 4  # handed to the driver, which died before committing two of them
+    again = BatchRoom([teacher(fake_server)], tmp_path)
+    assert again.resume(done={"r000", "r001"}) == {"r002", "r003"}
+    got = drain(again)
+    assert sorted(got) == ["r002", "r003"] and all(g["error"] is None for g in got.values())
+    calls = fake_server.batches.calls
+    assert (calls["create"], calls["content"], fake_server.batches.lines) == (1, 2, 4)
+
+
 def test_a_batch_created_but_not_recorded_is_found_not_created_again(tmp_path, fake_server):
     room = BatchRoom([teacher(fake_server)], tmp_path)
     submit(room, requests(3))
