@@ -173,6 +173,16 @@ def test_a_failed_batch_fails_its_rows_without_paying_again(tmp_path, fake_serve
     assert fake_server.batches.calls["create"] == 1
 
 
+def test_a_status_check_the_provider_fails_is_tried_again_at_the_next_poll(tmp_path, fake_server):
+    fake_server.batches.inject("status_500", times=4)  # the client's first try and its 3 retries
+    room = BatchRoom([teacher(fake_server)], tmp_path)
+    submit(room, requests(2))
+    assert room.answers() == [] and room.view()["problem"] == (
+        "teacher 't': status of batch b00001 refused: HTTP 500: injected status failure")
+    assert len(drain(room)) == 2 and room.view()["problem"] is None
+    assert fake_server.batches.calls["retrieve"] == 5 and fake_server.batches.calls["create"] == 1
+
+
 def test_a_new_room_polls_the_batches_of_the_one_before(tmp_path, fake_server):
     fake_server.batches.inject("slow", times=None, seconds=0.5)
     first = BatchRoom([teacher(fake_server)], tmp_path)

@@ -90,7 +90,12 @@ class BatchRoom:
             self.pending[key] = ids
             held |= ids
             if b.status == PREPARING:
-                self._recover(b, requests[key])
+                try:
+                    self._recover(b, requests[key])
+                except BatchError as exc:
+                    if not exc.transient:
+                        raise
+                    self.problem = str(exc)  # the next poll tries again
         self.state.save()
         return held
 

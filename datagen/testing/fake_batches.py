@@ -5,10 +5,11 @@ batch answer equals the online one for the same request.
 
 A batch completes at the first status check once ``seconds`` (default 0) have passed
 since it was created. Faults are queued as on the server (``server.batches.inject(kind,
-times=1, match=None, seconds=0.0)``), taken by the next upload (``upload_400``) or the
-next batch created (the rest):
+times=1, match=None, seconds=0.0)``), taken by the next upload (``upload_400``), the
+next status check (``status_500``) or the next batch created (the rest):
 
 ``upload_400``        the file upload is refused with 400, as a provider refuses a bad file
+``status_500``        a status check (retrieve) answers 500, as a provider having a bad minute
 ``slow``              the batch stays ``in_progress`` for ``seconds``
 ``hold``              the batch stays ``in_progress`` until cancelled
 ``expire``            the batch expires with only the first half of its lines answered
@@ -32,7 +33,7 @@ from typing import Any
 
 from datagen.testing.faults import Fault, take
 
-BATCH_FAULTS = ("upload_400", "slow", "hold", "expire", "failed_lines", "malformed_output", "fail")
+BATCH_FAULTS = ("upload_400", "status_500", "slow", "hold", "expire", "failed_lines", "malformed_output", "fail")
 
 
 class FakeBatches:
@@ -51,9 +52,13 @@ class FakeBatches:
         with self.server._lock:
             self._faults.append(Fault(kind, times, match, seconds))
 
-    def _take(self, upload: bool) -> Fault | None:
+    def _take(self, upload: bool = False, status: bool = False) -> Fault | None:
+        """The next fault for an upload, a status check, or (neither) a batch created."""
+        def applies(f: Fault) -> bool:
+            return (f.kind == "upload_400") == upload and (f.kind == "status_500") == status
+
         with self.server._lock:
-            return take(self._faults, lambda f: (f.kind == "upload_400") == upload)
+            return take(self._faults, applies)
 
     # -- HTTP --------------------------------------------------------------------------
     def handle(self, h: Any, method: str, path: str, data: bytes) -> None:
@@ -77,6 +82,8 @@ class FakeBatches:
                 b = self.batches[parts[1]]
                 if method == "GET" and len(parts) == 2:
                     self.calls["retrieve"] += 1
+                    if self._take(status=True) is not None:
+                        return h._json(500, {"error": {"message": "injected status failure", "type": "server_error"}})
                     return h._json(200, self._status(b))
                 if method == "POST" and parts[2:] == ["cancel"]:
                     self.calls["cancel"] += 1
@@ -114,7 +121,7 @@ class FakeBatches:
             "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": n, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
         }
-        self._plans[bid] = (self._take(upload=False), time.monotonic())
+        self._plans[bid] = (self._take(), time.monotonic())
         h._json(200, self.batches[bid])
 
     # -- a batch's life ----------------------------------------------------------------
