@@ -25,11 +25,11 @@ import torch
 
 from datagen.cli import main
 from datagen.errors import ConfigError
-from datagen.train import data, ray_train
+from datagen.train import data, ray_train, student
 from datagen.train.config import load_train
 from datagen.train.parallel import Place
 from datagen.train.trainer import Trainer, train
-from tests.test_train import make_row, make_store, tok, write_cfg  # noqa: F401 - tok is a fixture
+from tests.test_train import TEACHER, make_row, make_store, write_cfg
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,12 @@ SCALE = {"workers": 2, "strategy": "ddp", "max_failures": 1}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tok):  # noqa: F811
+def tok():
+    return student.load_tokenizer(TEACHER)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tok):
     return make_store(tmp_path_factory.mktemp("store") / "out", [make_row(tok, i) for i in range(40)])
 
 

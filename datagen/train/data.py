@@ -272,31 +272,36 @@ def kd_width(data: Data) -> int:
     return 1
 
 
-def batches(data: Data, encoder: Encoder, *, batch_size: int, seq_len: int, pad_id: int,
-            buffer: int, seed: int, k: int, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
-    """Endless batches of data part ``part`` of ``parts``, epoch after epoch; epoch ``e``
+def packed_rows(data: Data, encoder: Encoder, *, seq_len: int, pad_id: int, buffer: int, seed: int,
+                part: int = 0, parts: int = 1) -> Iterator[dict[str, list]]:
+    """Endless packed rows of data part ``part`` of ``parts``, epoch after epoch; epoch ``e``
     shuffles with seed ``(seed, e)`` (and the part, when there are several)."""
     epoch = 0
     while True:
         rng = random.Random(f"{seed}:{epoch}" if parts == 1 else f"{seed}:{epoch}:{part}/{parts}")
         rows = shuffled(select_rows(data, split="train", part=part, parts=parts), buffer=buffer, rng=rng)
         examples = (ex for ex in map(encoder, rows) if ex is not None)
-        group: list[dict[str, list]] = []
         produced = False
         for p in pack(examples, seq_len=seq_len, pad_id=pad_id):
-            group.append(p)
-            if len(group) == batch_size:
-                produced = True
-                yield collate(group, k=k)
-                group = []
-        if group:  # the epoch's last, partial batch: keep its rows, fill the rest with padding
             produced = True
-            blank = {"input_ids": [pad_id] * seq_len, "targets": [IGNORE] * seq_len,
-                     "position_ids": list(range(seq_len)), "kd": [None] * seq_len}
-            yield collate(group + [blank] * (batch_size - len(group)), k=k)
+            yield p
         if not produced:
             where = f" in data part {part} of {parts} (too few row groups for that many workers?)" \
                 if parts > 1 else ""
             raise DataError(f"{data.path}: no training rows after selection{where} (accepted rows, minus the "
                             f"held-out fraction {data.holdout_fraction}, minus rows longer than seq_len)")
         epoch += 1
+
+
+def batches(data: Data, encoder: Encoder, *, batch_size: int, seq_len: int, pad_id: int,
+            buffer: int, seed: int, k: int, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
+    """Endless batches of ``batch_size`` packed rows. A batch may straddle two epochs: no
+    padding rows at an epoch's end, so ``batch_size: 4`` and ``2 x grad_accum: 2`` cut the
+    same rows into the same steps."""
+    group: list[dict[str, list]] = []
+    for p in packed_rows(data, encoder, seq_len=seq_len, pad_id=pad_id, buffer=buffer, seed=seed,
+                         part=part, parts=parts):
+        group.append(p)
+        if len(group) == batch_size:
+            yield collate(group, k=k)
+            group = []
