@@ -67,12 +67,13 @@ def log_steps(run_dir: Path) -> list[dict]:
 def assert_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"largest weight difference {worst:.2e} (tolerance {atol:.0e})")
     assert worst <= atol, f"largest weight difference {worst:.2e} > {atol:.0e}"
 
 
 def ray_cfg(tmp_path: Path, store: Path, **over):
-    over.setdefault("scaling", SCALE)
-    return load_train(write_cfg(tmp_path, store, steps=STEPS, checkpoint_every=3, **over))
+    over = {"scaling": SCALE, "steps": STEPS, "checkpoint_every": 3, **over}
+    return load_train(write_cfg(tmp_path, store, **over))
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +192,27 @@ def test_fsdp_on_cpu_matches_ddp(ddp_run, tmp_path, store):
     assert [s["loss"] for s in log_steps(cfg.output)] == \
         pytest.approx([s["loss"] for s in log_steps(cfg_ddp.output)], rel=1e-5)
     assert_close(weights(cfg.output), weights(cfg_ddp.output), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- datagen submit
+
+
+def test_submit_builds_a_training_job(tmp_path, store):
+    """A train file goes to the cluster like a job file: `datagen train FILE` as the entrypoint,
+    the folder as working_dir; its data and output must be shared storage, not the upload."""
+    from datagen.submit import build
+
+    proj = tmp_path / "proj"
+    cfg = write_cfg(proj, store, scaling=SCALE, output=str(tmp_path / "shared" / "student"))
+    sub = build(cfg, working_dir=proj, python="/opt/py/bin/python", env=["OMP_NUM_THREADS=1"])
+    assert sub.entrypoint == "/opt/py/bin/python -m datagen train train.yaml --quiet"
+    assert sub.runtime_env["working_dir"] == str(proj.resolve())
+    assert sub.runtime_env["env_vars"] == {"OMP_NUM_THREADS": "1", "DATAGEN_SECRET_ENV": ""}
+    assert sub.metadata["datagen_kind"] == "train" and sub.metadata["datagen_output"] == str(tmp_path / "shared" / "student")
+    again = build(cfg, working_dir=proj, python="python", resume=True)
+    assert again.entrypoint == "python -m datagen train train.yaml --quiet --resume"
+    inside = write_cfg(tmp_path / "proj2", store, output="out/student")
+    with pytest.raises(Exception, match="output .* is inside the uploaded working directory"):
+        build(inside, working_dir=tmp_path / "proj2")
+    with pytest.raises(Exception, match="--output applies to generation jobs"):
+        build(cfg, working_dir=proj, output=str(tmp_path / "x"))
