@@ -216,3 +216,32 @@ def test_submit_builds_a_training_job(tmp_path, store):
         build(inside, working_dir=tmp_path / "proj2")
     with pytest.raises(Exception, match="--output applies to generation jobs"):
         build(cfg, working_dir=proj, output=str(tmp_path / "x"))
+
+
+@pytest.mark.slow
+def test_submit_runs_a_two_worker_training_job_on_a_ray_cluster(tmp_path, store):
+    """`datagen submit TRAIN.yaml --follow` against a real Ray head (job server, token auth):
+    the job's driver starts Ray Train's workers on that cluster and the student lands in the
+    shared output; `datagen jobs logs` shows the training entrypoint."""
+    import sys
+
+    from datagen.testing.ray_head import LocalRayHead
+
+    from .conftest import datagen
+
+    proj = tmp_path / "proj"
+    out = tmp_path / "shared" / "student"
+    cfg = write_cfg(proj, store, scaling=SCALE, steps=3, checkpoint_every=3, output=str(out))
+    with LocalRayHead(num_cpus=2) as head:
+        env = {**head.client_env, "PYTHONPATH": str(REPO)}  # this checkout's datagen, here and in the job
+        res = datagen("submit", str(cfg), "--address", head.address, "--follow", "--python", sys.executable,
+                      "--env", f"PYTHONPATH={REPO}", env=env, cwd=proj, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        job_id = res.stdout.splitlines()[0]
+        assert job_id.startswith("datagen-train-t-") and f"job {job_id}: SUCCEEDED" in res.stderr
+        logs = datagen("jobs", "logs", job_id, "--address", head.address, env=env)
+        assert "datagen train train.yaml" in logs.stdout
+    result = json.loads((out / "train-result.json").read_text())
+    assert result["workers"] == 2 and result["steps"] == 3
+    assert (out / "final" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step-000003"
