@@ -1,46 +1,37 @@
-"""Training tokens/s: datagen's trainer vs TRL's SFTTrainer, same tiny model, data and CPU.
+"""Training tokens/s: datagen on 1 process and on 2 Ray Train workers vs TRL's SFTTrainer,
+same tiny model, data and CPU.
 
     .venv/bin/python benchmarks/bench_train.py [--data out/quickstart] [--steps 40]
 
-Both train examples/train.yaml's tiny Llama (same seed) on the same accepted rows
-(train split), SFT on the completion only, packed to ``--seq-len`` tokens, ``--batch-size``
-sequences per step, float32, for ``--steps`` steps, one after the other in this run.
-tokens/s = real (non-padding) tokens processed / wall time of the training loop; TRL's
-figure is its own ``num_tokens`` metric over its ``train_runtime``. datagen's KD mode is
-timed too, for reference.
+All train examples/train.yaml's tiny Llama (same seed) on the same accepted rows
+(train split), SFT on the completion only, packed to ``--seq-len`` tokens, a global batch
+of ``--batch-size`` sequences per step (2 workers: half each), float32, for ``--steps``
+steps, one after the other in this run. tokens/s = real (non-padding) tokens processed /
+wall time of the training loop (for Ray Train: rank 0's loop, global tokens; the start of
+the cluster and the workers is reported apart); TRL's figure is its own ``num_tokens``
+metric over its ``train_runtime``. datagen's KD mode is timed too, for reference.
 
-TRL lives in its own virtualenv (``~/.cache/datagen/bench-trl-venv``), created on first
-use: a ``.pth`` file puts this environment's site-packages on its path (torch,
-transformers, datasets are shared, not re-downloaded) and pip adds only ``trl``.
+On a 2-core machine two workers share the cores one process already uses (torch runs
+one thread per core; Ray gives each worker one), and add a gradient all-reduce per step:
+expect a ratio near or below 1. Data parallelism pays where each worker has its own
+cores or GPU.
+
+TRL comes from the dev extra (``pip install -e .[dev]``); without it that row is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_VENV = Path(os.environ.get("DATAGEN_CACHE", Path.home() / ".cache" / "datagen")) / "bench-trl-venv"
-
-
-def trl_python() -> Path:
-    py = TRL_VENV / "bin" / "python"
-    if not (TRL_VENV / ".ready").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-        Path(purelib, "datagen-host.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "-c", str(REPO / "constraints-cpu.txt"), "trl"], check=True)
-        (TRL_VENV / ".ready").touch()
-    return py
 
 
 def trl_worker(args: argparse.Namespace) -> None:
@@ -77,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO / "out" / "quickstart"))
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="global batch (packed sequences per step)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -87,7 +78,7 @@ def main() -> None:
     import yaml
 
     sys.path.insert(0, str(REPO))
-    from datagen.train import data
+    from datagen.train import data, ray_train
     from datagen.train.config import load_train
     from datagen.train.trainer import train
 
@@ -96,15 +87,33 @@ def main() -> None:
     base.update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, checkpoint_every=10**6)
     base["data"]["path"] = str(Path(args.data).resolve())
     results = {}
-    for label, kd_weight in (("datagen SFT", 0.0), ("datagen KD+CE", 0.5)):
-        cfg = dict(base, loss={**base["loss"], "kd_weight": kd_weight}, output=str(work / label.replace(" ", "-")))
-        (work / "train.yaml").write_text(yaml.safe_dump(cfg))
-        res = train(load_train(work / "train.yaml"))
+
+    def cfg_for(label: str, **over: object) -> Path:
+        path = work / f"{label.replace(' ', '-')}.yaml"
+        path.write_text(yaml.safe_dump({**base, "output": str(work / label.replace(" ", "-")), **over}))
+        return path
+
+    for label, kd_weight in (("datagen SFT 1 process", 0.0), ("datagen KD+CE 1 process", 0.5)):
+        res = train(load_train(cfg_for(label, loss={**base["loss"], "kd_weight": kd_weight})))
         results[label] = res.tokens_per_s
         print(f"{label}: {res.steps} steps, {res.tokens_per_s:,.0f} tok/s", flush=True)
 
+    import ray
+
+    label = "datagen SFT 2 workers"
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    cfg = load_train(cfg_for(label, loss={**base["loss"], "kd_weight": 0.0}, batch_size=args.batch_size // 2,
+                             scaling={"workers": 2, "strategy": "ddp"}))
+    res = ray_train.run(cfg)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    results[label] = res["tokens_per_s"]
+    print(f"{label} (Ray Train, DDP, gloo): {res['steps']} steps, {res['tokens_per_s']:,.0f} tok/s in the loop; "
+          f"{wall:.0f} s wall with the cluster and worker start", flush=True)
+
     # TRL: the same rows, as prompt/completion conversations
-    cfg = load_train(work / "train.yaml")
+    cfg = load_train(cfg_for("trl", loss={**base["loss"], "kd_weight": 0.0}))
     with open(work / "rows.jsonl", "w") as f:
         for row in data.select_rows(cfg.data, split="train"):
             f.write(json.dumps({"prompt": row["messages"],
@@ -115,19 +124,27 @@ def main() -> None:
         "tokenizer": resolve(cfg.student.tokenizer), "config": cfg.student.config, "seed": cfg.seed,
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": cfg.optim.lr,
         "warmup": cfg.optim.warmup_steps}))
-    start = time.perf_counter()
-    proc = subprocess.run([str(trl_python()), __file__, "--trl-worker", str(work)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        sys.exit(f"TRL run failed:\n{proc.stderr[-3000:]}")
-    trl = json.loads(proc.stdout.strip().splitlines()[-1])
-    results["TRL SFTTrainer"] = trl["tokens"] / trl["runtime_s"]
-    print(f"TRL SFTTrainer: {trl['steps']} steps, {results['TRL SFTTrainer']:,.0f} tok/s "
-          f"({trl['tokens']} tokens in {trl['runtime_s']:.1f} s; process {time.perf_counter() - start:.0f} s)")
-    ratio = results["datagen SFT"] / results["TRL SFTTrainer"]
-    print(f"ratio datagen SFT / TRL SFTTrainer: {ratio:.2f} (target >= 1.0)")
+    one = results["datagen SFT 1 process"]
+    ratios = {"2 workers / 1 process": results["datagen SFT 2 workers"] / one}
+    if importlib.util.find_spec("trl") is None:
+        print("TRL SFTTrainer: skipped (trl is not installed; it is in the dev extra)")
+    else:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--trl-worker", str(work)], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            sys.exit(f"TRL run failed:\n{proc.stderr[-3000:]}")
+        trl = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["TRL SFTTrainer"] = trl["tokens"] / trl["runtime_s"]
+        print(f"TRL SFTTrainer: {trl['steps']} steps, {results['TRL SFTTrainer']:,.0f} tok/s "
+              f"({trl['tokens']} tokens in {trl['runtime_s']:.1f} s; process {time.perf_counter() - start:.0f} s)")
+        ratios["datagen 1 process / TRL"] = one / results["TRL SFTTrainer"]
+        ratios["datagen 2 workers / TRL"] = results["datagen SFT 2 workers"] / results["TRL SFTTrainer"]
+    for name, ratio in ratios.items():
+        print(f"ratio {name}: {ratio:.2f}")
     print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                      "tokens_per_s": {k: round(v, 1) for k, v in results.items()}, "ratio": round(ratio, 3)}))
+                      "cpus": os.cpu_count(), "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
 
 
 if __name__ == "__main__":

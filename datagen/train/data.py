@@ -21,8 +21,9 @@ Parts. With several workers each reads its own *part* of the committed rows: the
 accepted shards' row groups, in manifest order, are dealt out round-robin (row group
 ``u`` goes to part ``u % parts``), and a worker opens only its own row groups. The parts
 are disjoint and their union is the whole selection (tested); with one part the order is
-exactly ``ShardStore.iter_rows``'s. Parts are as balanced as the row groups are: a store
-with fewer row groups than workers leaves a worker with nothing, which is refused.
+exactly ``ShardStore.iter_rows``'s. Parts are as balanced as the row groups are. A store
+with fewer row groups than parts (a small one: fewer than ``parts x row_group_rows`` rows)
+is dealt out row by row instead, each part reading the whole (small) store.
 
 Determinism. The batch stream is a pure function of (data, config, seed): resume replays
 it and skips the batches already consumed, so a resumed run sees exactly the batches an
@@ -92,10 +93,18 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
 
 
 def part_rows(store: Any, *, part: int = 0, parts: int = 1, batch_rows: int = 256) -> Iterator[dict[str, Any]]:
-    """The committed accepted rows of row groups ``u`` with ``u % parts == part`` (see Parts)."""
+    """The committed accepted rows of data part ``part`` of ``parts`` (see Parts)."""
     fs = store.manifest.filesystem
+    files = store.manifest.files("accepted")
+    if parts > 1 and sum(pq.ParquetFile(p, filesystem=fs).num_row_groups for p in files) < parts:
+        # Fewer row groups than parts: a small store, dealt out row by row (each part reads it all).
+        for i, row in enumerate(r for p in files for b in pq.ParquetFile(p, filesystem=fs).iter_batches(
+                batch_size=batch_rows) for r in b.to_pylist()):
+            if i % parts == part:
+                yield row
+        return
     unit = 0
-    for path in store.manifest.files("accepted"):
+    for path in files:
         pf = pq.ParquetFile(path, filesystem=fs)
         mine = [rg for rg in range(pf.num_row_groups) if (unit + rg) % parts == part]
         unit += pf.num_row_groups
@@ -286,8 +295,7 @@ def packed_rows(data: Data, encoder: Encoder, *, seq_len: int, pad_id: int, buff
             produced = True
             yield p
         if not produced:
-            where = f" in data part {part} of {parts} (too few row groups for that many workers?)" \
-                if parts > 1 else ""
+            where = f" in data part {part} of {parts} (fewer rows than workers?)" if parts > 1 else ""
             raise DataError(f"{data.path}: no training rows after selection{where} (accepted rows, minus the "
                             f"held-out fraction {data.holdout_fraction}, minus rows longer than seq_len)")
         epoch += 1
