@@ -1,7 +1,7 @@
 """Training tokens/s: datagen on 1 process and on 2 Ray Train workers vs TRL's SFTTrainer,
 same tiny model, data and CPU.
 
-    .venv/bin/python benchmarks/bench_train.py [--data out/quickstart] [--steps 40]
+    .venv/bin/python benchmarks/bench_train.py [--data out/quickstart] [--steps 40] [--rounds 2]
 
 All train examples/train.yaml's tiny Llama (same seed) on the same accepted rows
 (train split), SFT on the completion only, packed to ``--seq-len`` tokens, a global batch
@@ -9,7 +9,9 @@ of ``--batch-size`` sequences per step (2 workers: half each), float32, for ``--
 steps, one after the other in this run. tokens/s = real (non-padding) tokens processed /
 wall time of the training loop (for Ray Train: rank 0's loop, global tokens; the start of
 the cluster and the workers is reported apart); TRL's figure is its own ``num_tokens``
-metric over its ``train_runtime``. datagen's KD mode is timed too, for reference.
+metric over its ``train_runtime``. datagen's KD mode is timed too, for reference. The
+contenders run in turn, ``--rounds`` times, and the medians are compared: on a shared
+machine a single pass measures the neighbours' load as much as the trainer.
 
 On a 2-core machine two workers share the cores one process already uses (torch runs
 one thread per core; Ray gives each worker one), and add a gradient all-reduce per step:
@@ -22,6 +24,7 @@ TRL comes from the dev extra (``pip install -e .[dev]``); without it that row is
 from __future__ import annotations
 
 import argparse
+import statistics
 import importlib.util
 import json
 import os
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,80 +74,94 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4, help="global batch (packed sequences per step)")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="each contender runs once per round, interleaved; the median is reported")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args)
 
+    import ray
     import yaml
 
     sys.path.insert(0, str(REPO))
     from datagen.train import data, ray_train
     from datagen.train.config import load_train
+    from datagen.train.student import resolve
     from datagen.train.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="datagen-bench-train-"))
     base = yaml.safe_load((REPO / "examples" / "train.yaml").read_text())
     base.update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, checkpoint_every=10**6)
     base["data"]["path"] = str(Path(args.data).resolve())
-    results = {}
+    sft = {**base["loss"], "kd_weight": 0.0}
 
-    def cfg_for(label: str, **over: object) -> Path:
-        path = work / f"{label.replace(' ', '-')}.yaml"
-        path.write_text(yaml.safe_dump({**base, "output": str(work / label.replace(" ", "-")), **over}))
-        return path
-
-    for label, kd_weight in (("datagen SFT 1 process", 0.0), ("datagen KD+CE 1 process", 0.5)):
-        res = train(load_train(cfg_for(label, loss={**base["loss"], "kd_weight": kd_weight})))
-        results[label] = res.tokens_per_s
-        print(f"{label}: {res.steps} steps, {res.tokens_per_s:,.0f} tok/s", flush=True)
-
-    import ray
-
-    label = "datagen SFT 2 workers"
-    start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    cfg = load_train(cfg_for(label, loss={**base["loss"], "kd_weight": 0.0}, batch_size=args.batch_size // 2,
-                             scaling={"workers": 2, "strategy": "ddp"}))
-    res = ray_train.run(cfg)
-    wall = time.perf_counter() - start
-    ray.shutdown()
-    results[label] = res["tokens_per_s"]
-    print(f"{label} (Ray Train, DDP, gloo): {res['steps']} steps, {res['tokens_per_s']:,.0f} tok/s in the loop; "
-          f"{wall:.0f} s wall with the cluster and worker start", flush=True)
+    def cfg_for(label: str, rnd: int, **over: object) -> Any:
+        name = f"{label.replace(' ', '-')}-{rnd}"
+        (work / f"{name}.yaml").write_text(yaml.safe_dump({**base, "output": str(work / name), **over}))
+        return load_train(work / f"{name}.yaml")
 
     # TRL: the same rows, as prompt/completion conversations
-    cfg = load_train(cfg_for("trl", loss={**base["loss"], "kd_weight": 0.0}))
+    cfg = cfg_for("trl", 0, loss=sft)
     with open(work / "rows.jsonl", "w") as f:
         for row in data.select_rows(cfg.data, split="train"):
             f.write(json.dumps({"prompt": row["messages"],
                                 "completion": [{"role": "assistant", "content": row["response"]}]}) + "\n")
-    from datagen.train.student import resolve
-
     (work / "spec.json").write_text(json.dumps({
         "tokenizer": resolve(cfg.student.tokenizer), "config": cfg.student.config, "seed": cfg.seed,
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": cfg.optim.lr,
         "warmup": cfg.optim.warmup_steps}))
-    one = results["datagen SFT 1 process"]
-    ratios = {"2 workers / 1 process": results["datagen SFT 2 workers"] / one}
-    if importlib.util.find_spec("trl") is None:
+    have_trl = importlib.util.find_spec("trl") is not None
+    if not have_trl:
         print("TRL SFTTrainer: skipped (trl is not installed; it is in the dev extra)")
-    else:
+
+    def one_process(rnd: int) -> float:
+        return train(cfg_for("sft-1", rnd, loss=sft)).tokens_per_s
+
+    def two_workers(rnd: int) -> float:
         start = time.perf_counter()
+        res = ray_train.run(cfg_for("sft-2", rnd, loss=sft, batch_size=args.batch_size // 2,
+                                    scaling={"workers": 2, "strategy": "ddp"}))
+        print(f"  (2 workers: {time.perf_counter() - start:.0f} s wall with the worker start)", flush=True)
+        return res["tokens_per_s"]
+
+    def kd_one_process(rnd: int) -> float:
+        return train(cfg_for("kd-1", rnd)).tokens_per_s
+
+    def trl(rnd: int) -> float:
         proc = subprocess.run([sys.executable, __file__, "--trl-worker", str(work)], capture_output=True, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:
             sys.exit(f"TRL run failed:\n{proc.stderr[-3000:]}")
-        trl = json.loads(proc.stdout.strip().splitlines()[-1])
-        results["TRL SFTTrainer"] = trl["tokens"] / trl["runtime_s"]
-        print(f"TRL SFTTrainer: {trl['steps']} steps, {results['TRL SFTTrainer']:,.0f} tok/s "
-              f"({trl['tokens']} tokens in {trl['runtime_s']:.1f} s; process {time.perf_counter() - start:.0f} s)")
-        ratios["datagen 1 process / TRL"] = one / results["TRL SFTTrainer"]
-        ratios["datagen 2 workers / TRL"] = results["datagen SFT 2 workers"] / results["TRL SFTTrainer"]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        return out["tokens"] / out["runtime_s"]
+
+    contenders = {"datagen SFT 1 process": one_process, "datagen SFT 2 workers (Ray Train, DDP, gloo)": two_workers,
+                  "datagen KD+CE 1 process": kd_one_process}
+    if have_trl:
+        contenders["TRL SFTTrainer"] = trl
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    seen: dict[str, list[float]] = {k: [] for k in contenders}
+    try:
+        for rnd in range(args.rounds):
+            for label, fn in contenders.items():
+                seen[label].append(fn(rnd))
+                print(f"round {rnd + 1}: {label}: {seen[label][-1]:,.0f} tok/s", flush=True)
+    finally:
+        ray.shutdown()
+    med = {k: statistics.median(v) for k, v in seen.items()}
+    one, two = med["datagen SFT 1 process"], med["datagen SFT 2 workers (Ray Train, DDP, gloo)"]
+    ratios = {"2 workers / 1 process": two / one}
+    if have_trl:
+        ratios["datagen 1 process / TRL"] = one / med["TRL SFTTrainer"]
+        ratios["datagen 2 workers / TRL"] = two / med["TRL SFTTrainer"]
+    for label, v in med.items():
+        print(f"{label}: median {v:,.0f} tok/s over {args.rounds} rounds")
     for name, ratio in ratios.items():
         print(f"ratio {name}: {ratio:.2f}")
     print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                      "cpus": os.cpu_count(), "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
+                      "rounds": args.rounds, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
+                      "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in seen.items()},
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
 
 

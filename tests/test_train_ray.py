@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from datagen.cli import main
-from datagen.errors import ConfigError
+from datagen.errors import ConfigError, DatagenError
 from datagen.train import data, ray_train, student
 from datagen.train.config import load_train
 from datagen.train.parallel import Place
@@ -171,14 +171,26 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ddp_run, tmp_path
     assert_close(weights(cfg.output), weights(cfg_full.output), atol=1e-6)
 
 
-def test_without_failures_allowed_the_kill_fails_the_run_with_one_line(tmp_path, store, monkeypatch, ray_local):
-    cfg = ray_cfg(tmp_path, store, scaling={**SCALE, "max_failures": 0}, steps=3)
-    monkeypatch.setenv(ray_train.KILL_ENV, "0:1")
-    with pytest.raises(Exception) as err:
+def test_without_failures_allowed_a_kill_fails_the_run_and_resume_finishes_it(ddp_run, tmp_path, store,
+                                                                               monkeypatch):
+    """max_failures: 0: rank 0 killed after step 4 fails the run with one line, the step-3
+    checkpoint stays; `--resume` (a new Ray Train run on the same output) finishes it with
+    the uninterrupted run's weights."""
+    cfg_full, _ = ddp_run
+    cfg = ray_cfg(tmp_path, store, scaling={**SCALE, "max_failures": 0})
+    monkeypatch.setenv(ray_train.KILL_ENV, "0:4")
+    with pytest.raises(DatagenError) as err:
         ray_train.run(cfg)
-    assert "training on Ray Train failed" in str(err.value) and "\n" not in str(err.value)
-    # what was committed stays: the resume continues from the output's checkpoint (none yet here)
+    assert str(err.value).startswith("training on Ray Train failed") and "\n" not in str(err.value)
+    assert (cfg.output / "checkpoints" / "latest").read_text() == "step-000003"
     assert not (cfg.output / "final").exists()
+    with pytest.raises(DatagenError, match="already holds a training run"):
+        ray_train.run(cfg)
+    monkeypatch.delenv(ray_train.KILL_ENV)
+    result = ray_train.run(cfg, resume=True)
+    assert result["steps"] == STEPS
+    assert [s["step"] for s in log_steps(cfg.output)] == list(range(1, STEPS + 1))
+    assert_close(weights(cfg.output), weights(cfg_full.output), atol=1e-6)
 
 
 def test_fsdp_on_cpu_matches_ddp(ddp_run, tmp_path, store):
