@@ -387,7 +387,7 @@ def cmd_licenses(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from datagen.train.cli import run_train
 
-    return run_train(args.train_file, resume=args.resume, quiet=args.quiet)
+    return run_train(args.train_file, resume=args.resume, quiet=args.quiet, check=args.check)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -525,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("train_file", help="train file (YAML); see examples/train.yaml")
     r.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    r.add_argument("--check", action="store_true",
+                   help="check the file, the student's size and the scaling settings; train nothing")
     r.set_defaults(func=cmd_train)
 
     r = sub.add_parser("eval", help="compare students with the teacher on held-out prompts")

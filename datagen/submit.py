@@ -26,6 +26,13 @@ memory) leaves a resumable output: ``datagen submit JOB --resume`` sends
 ``datagen resume OUTPUT --job JOB``, which finishes it with the job file's teacher
 settings (replicas, engine memory, rate limits) and refuses changes to what a row is.
 
+A **train file** (one with a ``student:``, see datagen/train/config.py) is sent the same
+way: the entrypoint is ``python -m datagen train <file> --quiet`` (``--resume`` adds
+``--resume``), whose driver starts Ray Train's workers on the cluster
+(datagen/train/ray_train.py). Its ``data.path`` and ``output`` must be absolute paths
+outside the uploaded folder, on storage every node sees (the job reads the committed
+rows and writes checkpoints there); ``--output`` is refused for it (set ``output:``).
+
 Not covered: a driver killed with its cluster (Ray jobs die with the cluster; the
 output is resumable, as above, once a cluster is back); uploading a
 working directory larger than Ray's package limit (500 MiB by default).
@@ -107,7 +114,7 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
     """Check the job locally and assemble what ``submit_job`` gets. Nothing is sent.
     ``resume``: the entrypoint continues the run already in the output
     (``datagen resume OUTPUT --job JOB``: the same rows, this file's teacher settings)."""
-    from datagen.config import load_job, read_yaml
+    from datagen.config import load_job
 
     wd = Path(working_dir or Path.cwd()).resolve()
     job_path = Path(job_file).resolve()
@@ -118,6 +125,17 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
     except ValueError:
         raise DatagenError(f"the job file {job_path} is outside the working directory {wd}, which is what "
                            "gets uploaded; run from a folder that contains it or pass --working-dir") from None
+    if is_train_file(job_path):
+        if output is not None:
+            raise DatagenError(f"{job_path}: --output applies to generation jobs; set output: in the train file")
+        cfg = _check_train(job_path, wd)
+        args = [python, "-m", "datagen", "train", rel_job.as_posix(), "--quiet"] + (["--resume"] if resume else [])
+        runtime_env = _runtime_env(wd, secrets=[], requirements=requirements, runtime_env_file=runtime_env_file,
+                                   env=env)
+        metadata = {"datagen_job": cfg.name, "datagen_job_file": rel_job.as_posix(), "datagen_kind": "train",
+                    "datagen_output": str(cfg.output), "datagen_secret_env": ""}
+        return Submission(job_id=job_id or f"datagen-train-{cfg.name}-{uuid.uuid4().hex[:8]}",
+                          entrypoint=shlex.join(args), runtime_env=runtime_env, metadata=metadata)
     job = load_job(job_path, output=output)  # bad fields fail here, before anything is sent
     _check_prompts(job)
     warnings = []
@@ -132,6 +150,49 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
             "(output.path or --output)"
         )
     secrets = secret_names(job)
+    runtime_env = _runtime_env(wd, secrets=secrets, requirements=requirements, runtime_env_file=runtime_env_file,
+                               env=env)
+    if resume:
+        args = [python, "-m", "datagen", "resume", str(out), "--job", rel_job.as_posix(), "--quiet"]
+    else:
+        args = [python, "-m", "datagen", "run", rel_job.as_posix(), "--quiet"]
+        if output is not None:
+            args += ["--output", str(out)]
+    metadata = {"datagen_job": job.name, "datagen_job_file": rel_job.as_posix(),
+                "datagen_output": str(out), "datagen_secret_env": ",".join(secrets)}
+    return Submission(job_id=job_id or f"datagen-{job.name}-{uuid.uuid4().hex[:8]}",
+                      entrypoint=shlex.join(args), runtime_env=runtime_env, metadata=metadata,
+                      warnings=tuple(warnings))
+
+
+def is_train_file(path: Path) -> bool:
+    """A train file has a ``student:`` (a job file never does)."""
+    from datagen.config import read_yaml
+
+    doc = read_yaml(path, what="job file")
+    return isinstance(doc, dict) and "student" in doc
+
+
+def _check_train(path: Path, wd: Path) -> Any:
+    """The train file, validated as ``datagen train`` would; its data and output must be
+    shared storage, not the uploaded (temporary, on the cluster) folder."""
+    from datagen.storage.shards import is_url
+    from datagen.train.config import load_train
+
+    cfg = load_train(path)
+    for what, where in (("data.path", cfg.data.path), ("output", cfg.output)):
+        if not is_url(where) and Path(where).is_relative_to(wd):
+            raise DatagenError(
+                f"{path}: {what} {where} is inside the uploaded working directory; on the cluster that is a "
+                "temporary copy Ray deletes (and outputs are not uploaded). Use an absolute path on storage "
+                "every node sees")
+    return cfg
+
+
+def _runtime_env(wd: Path, *, secrets: list[str], requirements: str | Path | None,
+                 runtime_env_file: str | Path | None, env: list[str]) -> dict[str, Any]:
+    from datagen.config import read_yaml
+
     runtime_env: dict[str, Any] = {}
     if runtime_env_file:
         template = read_yaml(Path(runtime_env_file), what="runtime-env file")
@@ -155,17 +216,7 @@ def build(job_file: str | Path, *, working_dir: str | Path | None = None, output
             raise DatagenError(f"requirements file unreadable: {req}: {exc}") from None
         runtime_env["pip"] = sorted(set(runtime_env.get("pip") or []) |
                                     {ln for ln in lines if ln and not ln.startswith("#")})
-    if resume:
-        args = [python, "-m", "datagen", "resume", str(out), "--job", rel_job.as_posix(), "--quiet"]
-    else:
-        args = [python, "-m", "datagen", "run", rel_job.as_posix(), "--quiet"]
-        if output is not None:
-            args += ["--output", str(out)]
-    metadata = {"datagen_job": job.name, "datagen_job_file": rel_job.as_posix(),
-                "datagen_output": str(out), "datagen_secret_env": ",".join(secrets)}
-    return Submission(job_id=job_id or f"datagen-{job.name}-{uuid.uuid4().hex[:8]}",
-                      entrypoint=shlex.join(args), runtime_env=runtime_env, metadata=metadata,
-                      warnings=tuple(warnings))
+    return runtime_env
 
 
 def _check_prompts(job: Any) -> None:

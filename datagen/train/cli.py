@@ -39,13 +39,17 @@ class TrainProgress:
                              detail=f"loss {stats.loss:.3f} (ce {stats.ce:.3f}{kd}) · {tokens_per_s:,.0f} tok/s")
 
 
-def run_train(path: str, *, resume: bool, quiet: bool) -> int:
+def run_train(path: str, *, resume: bool, quiet: bool, check: bool = False) -> int:
     from datagen.errors import EXIT_INTERRUPTED
     from datagen.train.config import load_train
     from datagen.train.trainer import Trainer
 
     cfg = load_train(path)
+    if check:
+        return _check(path, cfg)
     err = Console(stderr=True, quiet=quiet)
+    if cfg.scaling.workers > 1:
+        return _run_on_ray(cfg, resume=resume, err=err)
     t = Trainer(cfg)
     t.setup(resume=resume)
     total, trainable = _params(t.model)
@@ -61,6 +65,60 @@ def run_train(path: str, *, resume: bool, quiet: bool) -> int:
     t.save(result)
     print(f"trained {result.steps} steps ({result.tokens_per_s:,.0f} tok/s); student: {result.final_dir}; "
           f"checkpoints: {t.ckdir}")
+    return 0
+
+
+def _check(path: str, cfg: Any) -> int:
+    """What can be checked without data or a GPU: the student's size (built on the meta
+    device, no memory), the training state per worker, Ray Train's scaling settings."""
+    params = _meta_params(cfg.student)
+    sc = cfg.scaling
+    state_gb = params * 16 / 1e9  # fp32 weights + grads + AdamW's two moments
+    per_worker = state_gb / sc.workers if sc.strategy == "fsdp" else state_gb
+    if sc.workers > 1:
+        from datagen.train import ray_train
+
+        ray_train.trainer_for(cfg, resume=False)  # Ray's own checks of the scaling settings
+    print(f"ok: {path}: student {params / 1e6:,.1f}M params; {sc.workers} worker(s), {sc.strategy}, "
+          f"{'GPU' if sc.use_gpu else cfg.device}; global batch {cfg.batch_size * cfg.grad_accum * sc.workers} x "
+          f"{cfg.seq_len} tokens; training state ~{per_worker:,.1f} GB per worker (+ activations); "
+          f"data {cfg.data.path}; output {cfg.output}")
+    return 0
+
+
+def _meta_params(st: Any) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from datagen.train import student
+
+    if st.init == "config":
+        fields = dict(st.config)
+        tok = student.load_tokenizer(st.tokenizer or st.path)
+        fields.setdefault("vocab_size", len(tok))
+        conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        conf = AutoConfig.from_pretrained(student.resolve(st.path))
+        if st.init == "prune":
+            n = conf.num_hidden_layers
+            conf.num_hidden_layers = len(set(range(0, n, st.keep_every)) | {n - 1})
+            if isinstance(getattr(conf, "layer_types", None), list):
+                conf.layer_types = conf.layer_types[:conf.num_hidden_layers]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _run_on_ray(cfg: Any, *, resume: bool, err: Console) -> int:
+    from datagen.train import ray_train
+
+    sc = cfg.scaling
+    err.print(f"Ray Train: {sc.workers} workers ({sc.strategy}, {'GPU' if sc.use_gpu else 'CPU'}), global batch "
+              f"{cfg.batch_size} x {cfg.grad_accum} x {sc.workers} packed rows; " +
+              ("resuming" if resume else "from step 0"), highlight=False)
+    res = ray_train.run(cfg, resume=resume)
+    print(f"trained {res['steps']} steps on {res['workers']} workers ({res['tokens_per_s']:,.0f} tok/s); "
+          f"student: {res['final']}; checkpoints: {cfg.output / ray_train.RUN_NAME}")
     return 0
 
 

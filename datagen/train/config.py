@@ -98,6 +98,32 @@ class Optim(Strict):
     grad_clip: float = Field(1.0, gt=0.0)
 
 
+class Scaling(Strict):
+    """Where the steps run. ``workers: 1`` (the default) trains in this process, on
+    ``device``; ``workers: N > 1`` runs N Ray Train workers (``TorchTrainer``), each on its
+    own part of the data, on the Ray cluster (``RAY_ADDRESS``) or a local one.
+
+    Strategy: ``ddp`` keeps a whole copy of the model, its gradients and AdamW state on
+    every worker (fastest while that fits one device: about 16 bytes per parameter, so up
+    to ~3B parameters on an 80 GB GPU); ``fsdp`` shards parameters, gradients and optimizer
+    state across the workers (PyTorch FSDP2, ``fully_shard`` per decoder layer), for
+    students whose full training state does not fit one device (an 8B full fine-tune)."""
+
+    workers: int = Field(1, ge=1, description="training processes; > 1 runs on Ray Train")
+    use_gpu: bool = Field(False, description="one GPU per worker (Ray Train); bf16 autocast on it")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources each worker reserves, e.g. {CPU: 4, GPU: 1}")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_workers(self) -> Scaling:
+        if self.strategy == "fsdp" and self.workers < 2:
+            raise ValueError("scaling.strategy: fsdp shards the model across workers; it needs workers >= 2 "
+                             "(with one worker use ddp, the default)")
+        return self
+
+
 class TrainConfig(Strict):
     name: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
@@ -106,13 +132,30 @@ class TrainConfig(Strict):
     loss: Loss = Field(default_factory=Loss)
     optim: Optim = Field(default_factory=Optim)
     steps: int = Field(ge=1, description="optimizer steps")
-    batch_size: int = Field(4, ge=1, description="packed sequences per step")
+    batch_size: int = Field(4, ge=1, description="packed sequences per micro-batch, per worker")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; global batch = "
+                            "batch_size x grad_accum x scaling.workers")
     seq_len: int = Field(512, ge=16, description="tokens per packed sequence")
     shuffle_buffer: int = Field(1024, ge=1, description="rows in the streaming shuffle buffer")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    scaling: Scaling = Field(default_factory=Scaling)
     output: Path
+
+    @model_validator(mode="after")
+    def _distributed_limits(self) -> TrainConfig:
+        sc = self.scaling
+        if sc.workers > 1 and self.data.max_rows is not None:
+            raise ValueError("data.max_rows needs one global row order; it is not supported with "
+                             "scaling.workers > 1 (select by teacher, license or score instead)")
+        if sc.strategy == "fsdp" and self.student.lora is not None:
+            raise ValueError("scaling.strategy: fsdp with student.lora is not supported: LoRA adapters are "
+                             "small, use ddp")
+        if sc.workers > 1 and sc.use_gpu != (self.device == "cuda") and self.device != "auto":
+            raise ValueError(f"device: {self.device} disagrees with scaling.use_gpu: {sc.use_gpu} "
+                             "(with workers > 1 the device follows use_gpu; leave device: auto)")
+        return self
 
 
 class Verifier(Strict):

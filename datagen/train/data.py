@@ -17,6 +17,14 @@ example's ``position_ids`` restart at 0, which transformers turns into a block-d
 causal mask (``masking_utils.find_packed_sequence_indices``), so packed documents do not
 attend to each other (tested). An example longer than ``seq_len`` is cut to fit.
 
+Parts. With several workers each reads its own *part* of the committed rows: the
+accepted shards' row groups, in manifest order, are dealt out round-robin (row group
+``u`` goes to part ``u % parts``), and a worker opens only its own row groups. The parts
+are disjoint and their union is the whole selection (tested); with one part the order is
+exactly ``ShardStore.iter_rows``'s. Parts are as balanced as the row groups are. A store
+with fewer row groups than parts (a small one: fewer than ``parts x row_group_rows`` rows)
+is dealt out row by row instead, each part reading the whole (small) store.
+
 Determinism. The batch stream is a pure function of (data, config, seed): resume replays
 it and skips the batches already consumed, so a resumed run sees exactly the batches an
 uninterrupted one would. Replay costs tokenisation time only.
@@ -28,6 +36,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from datagen import records
 from datagen.errors import DatagenError
@@ -82,12 +92,34 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def select_rows(data: Data, *, split: str) -> Iterator[dict[str, Any]]:
-    """Committed accepted rows of ``split`` ("train" or "heldout") that pass the selection."""
+def part_rows(store: Any, *, part: int = 0, parts: int = 1, batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+    """The committed accepted rows of data part ``part`` of ``parts`` (see Parts)."""
+    fs = store.manifest.filesystem
+    files = store.manifest.files("accepted")
+    if parts > 1 and sum(pq.ParquetFile(p, filesystem=fs).num_row_groups for p in files) < parts:
+        # Fewer row groups than parts: a small store, dealt out row by row (each part reads it all).
+        for i, row in enumerate(r for p in files for b in pq.ParquetFile(p, filesystem=fs).iter_batches(
+                batch_size=batch_rows) for r in b.to_pylist()):
+            if i % parts == part:
+                yield row
+        return
+    unit = 0
+    for path in files:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        mine = [rg for rg in range(pf.num_row_groups) if (unit + rg) % parts == part]
+        unit += pf.num_row_groups
+        if mine:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=mine):
+                yield from batch.to_pylist()
+
+
+def select_rows(data: Data, *, split: str, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
+    """Committed accepted rows of ``split`` ("train" or "heldout") that pass the selection,
+    from data part ``part`` of ``parts``."""
     store = open_store(data.path)
     registry = Registry.for_job((store.job_meta().get("job") or {})) if data.license_class else None
     n = 0
-    for row in store.iter_rows("accepted", batch_rows=256):
+    for row in part_rows(store, part=part, parts=parts):
         if is_heldout(row["prompt_id"], data.holdout_fraction) != (split == "heldout"):
             continue
         if data.teachers and (row.get("teacher") or {}).get("name") not in data.teachers:
@@ -249,28 +281,35 @@ def kd_width(data: Data) -> int:
     return 1
 
 
-def batches(data: Data, encoder: Encoder, *, batch_size: int, seq_len: int, pad_id: int,
-            buffer: int, seed: int, k: int) -> Iterator[dict[str, Any]]:
-    """Endless batches, epoch after epoch; epoch ``e`` shuffles with seed ``(seed, e)``."""
+def packed_rows(data: Data, encoder: Encoder, *, seq_len: int, pad_id: int, buffer: int, seed: int,
+                part: int = 0, parts: int = 1) -> Iterator[dict[str, list]]:
+    """Endless packed rows of data part ``part`` of ``parts``, epoch after epoch; epoch ``e``
+    shuffles with seed ``(seed, e)`` (and the part, when there are several)."""
     epoch = 0
     while True:
-        rng = random.Random(f"{seed}:{epoch}")
-        rows = shuffled(select_rows(data, split="train"), buffer=buffer, rng=rng)
+        rng = random.Random(f"{seed}:{epoch}" if parts == 1 else f"{seed}:{epoch}:{part}/{parts}")
+        rows = shuffled(select_rows(data, split="train", part=part, parts=parts), buffer=buffer, rng=rng)
         examples = (ex for ex in map(encoder, rows) if ex is not None)
-        group: list[dict[str, list]] = []
         produced = False
         for p in pack(examples, seq_len=seq_len, pad_id=pad_id):
-            group.append(p)
-            if len(group) == batch_size:
-                produced = True
-                yield collate(group, k=k)
-                group = []
-        if group:  # the epoch's last, partial batch: keep its rows, fill the rest with padding
             produced = True
-            blank = {"input_ids": [pad_id] * seq_len, "targets": [IGNORE] * seq_len,
-                     "position_ids": list(range(seq_len)), "kd": [None] * seq_len}
-            yield collate(group + [blank] * (batch_size - len(group)), k=k)
+            yield p
         if not produced:
-            raise DataError(f"{data.path}: no training rows after selection (accepted rows, minus the "
+            where = f" in data part {part} of {parts} (fewer rows than workers?)" if parts > 1 else ""
+            raise DataError(f"{data.path}: no training rows after selection{where} (accepted rows, minus the "
                             f"held-out fraction {data.holdout_fraction}, minus rows longer than seq_len)")
         epoch += 1
+
+
+def batches(data: Data, encoder: Encoder, *, batch_size: int, seq_len: int, pad_id: int,
+            buffer: int, seed: int, k: int, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
+    """Endless batches of ``batch_size`` packed rows. A batch may straddle two epochs: no
+    padding rows at an epoch's end, so ``batch_size: 4`` and ``2 x grad_accum: 2`` cut the
+    same rows into the same steps."""
+    group: list[dict[str, list]] = []
+    for p in packed_rows(data, encoder, seq_len=seq_len, pad_id=pad_id, buffer=buffer, seed=seed,
+                         part=part, parts=parts):
+        group.append(p)
+        if len(group) == batch_size:
+            yield collate(group, k=k)
+            group = []
