@@ -104,6 +104,8 @@ class RouteEval(Strict):
         if self.teacher is not None and self.data.traffic is None:
             raise ValueError("teacher: only for a traffic file (a datagen output's held-out prompts keep the "
                              "teacher's own answers, failed ones included)")
+        if getattr(self.teacher, "in_batches", False):  # answered by provider batch jobs, not fleet actors
+            raise ValueError("teacher: mode batch is not served through the teacher fleet; use mode: online")
         return self
 
 
