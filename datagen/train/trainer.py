@@ -78,7 +78,8 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def forward_losses(model: Any, batch: dict[str, Any], *, device: str, temperature: float = 1.0,
-                   tail: str = "renormalize", use_kd: bool = True) -> tuple[Any, Any, int]:
+                   tail: str = "renormalize", use_kd: bool = True,
+                   divergence: str = "forward") -> tuple[Any, Any, int]:
     """(per-target CE ``[N]``, per-KD-position KL ``[M]`` or None, tokens) for one batch.
     Shared by the trainer and ``datagen eval``."""
     import torch
@@ -97,9 +98,10 @@ def forward_losses(model: Any, batch: dict[str, Any], *, device: str, temperatur
         mask = batch["top_mask"].to(device)[:, keep][sel]  # [N, K]
         has = mask.any(-1)
         if has.any():
-            kd = losses.kd_loss(logits[has], batch["top_ids"].to(device)[:, keep][sel][has],
-                                batch["top_logprobs"].to(device)[:, keep][sel][has], mask[has],
-                                temperature=temperature, tail=tail)
+            top = (batch["top_ids"].to(device)[:, keep][sel][has], batch["top_logprobs"].to(device)[:, keep][sel][has],
+                   mask[has])
+            kd = (losses.reverse_kl_loss(logits[has], *top) if divergence == "reverse"
+                  else losses.kd_loss(logits[has], *top, temperature=temperature, tail=tail))
     return ce, kd, int(batch["tokens"])
 
 
@@ -176,7 +178,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         ce, kd, tokens = forward_losses(self.model, batch, device=self.device, temperature=cfg.loss.temperature,
-                                        tail=cfg.loss.kd_tail, use_kd=self.use_kd)
+                                        tail=cfg.loss.kd_tail, use_kd=self.use_kd,
+                                        divergence=cfg.loss.divergence)
         ce_mean = ce.mean()
         kd_mean = kd.mean() if kd is not None else None
         loss = losses.mix(ce_mean, kd_mean, kd_weight=cfg.loss.kd_weight, temperature=cfg.loss.temperature)
