@@ -269,6 +269,12 @@ def test_a_traffic_file_without_teacher_answers_needs_a_teacher(tmp_path):
 
     with pytest.raises(ConfigError, match="teacher: only for a traffic file"):
         infer.load(tmp_path / "e.yaml")
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({
+        "data": {"traffic": "bare.jsonl"}, "output": "e.jsonl", "student": {"path": "s"},
+        "teacher": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
+                    "mode": "batch"}}))
+    with pytest.raises(ConfigError, match="mode batch is not served through the teacher fleet"):
+        infer.load(tmp_path / "e.yaml")
 
 
 def _tiny_student(dest):
