@@ -248,7 +248,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datagen.report import write_report
 
     dest = write_report(_output_arg(args.output_dir), Path(args.to).resolve() if args.to else None,
-                        train=args.train and Path(args.train), eval_file=args.eval and Path(args.eval))
+                        train=args.train and Path(args.train), eval_file=args.eval and Path(args.eval),
+                        routing=args.routing and Path(args.routing))
     print(f"report: {dest}")
     return 0
 
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", help="the HTML file (default OUTPUT_DIR/report.html)")
     r.add_argument("--train", help="a `datagen train` output: its loss curves go into the page")
     r.add_argument("--eval", help="a `datagen eval` report (JSON): its table goes into the page")
+    r.add_argument("--routing", help="a `datagen route report` folder (or its report.json): curves, operating "
+                                     "points and slices go into the page (default: TRAIN/route or OUTPUT_DIR/route)")
     r.set_defaults(func=cmd_report)
 
     r = sub.add_parser("export", help="write the accepted rows whose terms allow it as a new dataset")

@@ -113,38 +113,25 @@ def rescore(src: Path, teacher: VLLMTeacher, *, dest: Path | None = None, runtim
             info = fleet.info[teacher.name]
             tag = f"{teacher.name}/vllm/{teacher.model}@{info.get('revision') or ''}"
             todo = (r for r in store.iter_rows("accepted") if r["row_id"] not in done)
-            batches = _batches(todo, teacher.batch_size)
-            exhausted = False
+            batches = ([(r, _request(r, info["tokenizer_fingerprint"], res)) for r in rows]
+                       for rows in _batches(todo, teacher.batch_size))
+
+            def take(answer: Any) -> None:
+                for (row, _), g in zip(answer.work, answer.results):
+                    _apply(row, g, info, tag)
+                    row["license"] = {**row["license"], "logprobs": lid}
+                    if g["error"]:
+                        res.failed[g["error"].split(":", 1)[0]] += 1
+                        out.add("failed", row)
+                    else:
+                        res.rows += 1
+                        out.add("accepted", row)
+                out.commit_due()
+
             try:
-                while True:
-                    if not stop.set:
-                        fleet.resend()  # work lost with a replica: alone, or as any batch, as a run does
-                    while not exhausted and not stop.set and (actor := fleet.free(teacher.name)) is not None:
-                        rows = next(batches, None)
-                        if rows is None:
-                            exhausted = True
-                            break
-                        fleet.send(actor, teacher.name,
-                                   [(r, _request(r, info["tokenizer_fingerprint"], res)) for r in rows])
-                    if not fleet.inflight:
-                        # work left, and every replica that could take it is down
-                        if (fleet.owes() or not exhausted) and not stop.set:
-                            fleet.liveness.wait(1.0)
-                            continue
-                        break
-                    ready, _ = ray.wait(list(fleet.inflight), num_returns=1, timeout=1.0)
-                    if not ready or (answer := fleet.collect(ready[0])) is None:
-                        continue
-                    for (row, _), g in zip(answer.work, answer.results):
-                        _apply(row, g, info, tag)
-                        row["license"] = {**row["license"], "logprobs": lid}
-                        if g["error"]:
-                            res.failed[g["error"].split(":", 1)[0]] += 1
-                            out.add("failed", row)
-                        else:
-                            res.rows += 1
-                            out.add("accepted", row)
-                    out.commit_due()
+                # lost work runs again alone, or as any batch, as in a run; on a stop, what
+                # is in flight comes back and is committed
+                fleet.feed(teacher.name, batches, take, lambda: stop.set)
             except TeacherRaised as exc:
                 raise DatagenError(f"re-scoring teacher {teacher.name!r} failed: {exc.cause}; "
                                    f"{_kept(out, res)}") from None

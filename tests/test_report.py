@@ -151,3 +151,54 @@ def test_empty_states_and_escaping_of_user_strings(tmp_path):
     for section in ("throughput", "prompts", "dedupe", "logprobs", "train", "eval"):
         assert f'data-empty="{section}"' in html, section
     assert 'data-figure="rows.accepted">0<' in html
+
+
+def test_routing_section_from_a_route_report(tmp_path):
+    """`datagen route report` output drawn into the page: found under OUT/route/ or given
+    with --routing; its numbers read back from the DOM in Chromium when one is installed."""
+    from datagen.route import costs, report as route_report
+
+    from .test_route_router import eval_rows
+
+    root = tmp_path / "o"
+    store = ShardStore.create(root, output(shard_rows=10), job_meta=META)
+    store.add("accepted", row(1))
+    store.commit_all()
+    store.close()
+    rows = eval_rows(80)
+    rows[0]["axes"] = {"topic": '<b>"hard"</b>'}  # a user string: escaped
+    rep, _ = route_report.build(rows, eval_sha256="x", resamples=200, cost=costs.CostModel(
+        teacher_basis="gpu", teacher_usd_per_gpu_hour=3.6, student_usd_per_hour=3.6))
+    (root / "route").mkdir()
+    (root / "route" / "report.json").write_text(json.dumps(rep))
+    dest = tmp_path / "r.html"
+    res = datagen("report", str(root), "--to", str(dest))  # found in OUT/route/
+    assert res.returncode == 0, res.stderr
+    html = dest.read_text()
+    assert 'data-empty="routing"' not in html and 'id="fig-routing"' in html
+    assert '<b>"hard"</b>' not in html and 'topic=&lt;b&gt;&#34;hard' in html
+    assert html.count("data-below-floor") == sum(s["below_floor"] for s in rep["slices"]) > 0
+    bad = datagen("report", str(root), "--to", str(dest), "--routing", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "no routing report" in bad.stderr
+    if browser.find() is None and not os.environ.get("DATAGEN_REQUIRE_BROWSER"):
+        return
+    from selenium.webdriver.common.by import By
+
+    chosen = rep["routers"][rep["chosen"]]
+    with browser.chromium() as page:
+        page.get(dest.as_uri())
+        assert not [e for e in page.get_log("browser") if e["level"] == "SEVERE"]
+
+        def figure(key: str) -> str:
+            return page.find_element(By.CSS_SELECTOR, f'[data-figure="{key}"]').text
+
+        assert figure("routing.chosen") == rep["chosen"]
+        assert page.find_elements(By.CSS_SELECTOR, "#fig-routing svg")
+        for name, r in rep["routers"].items():
+            assert float(figure(f"routing.apgr.{name}")) == pytest.approx(r["apgr"], abs=5e-4)
+            assert float(figure(f"routing.auroc.{name}")) == pytest.approx(r["auroc"], abs=5e-4)
+        share = chosen["operating_point"]["test"]["teacher_share"]
+        assert figure(f"routing.share.{rep['chosen']}") == f"{share['value']:.1%} [{share['low']:.1%}, {share['high']:.1%}]"
+        assert figure("routing.student_share") == f"{1 - share['value']:.1%}"
+        assert float(figure("routing.cascade_usd")) == pytest.approx(rep["cost_per_1k"]["cascade"], abs=5e-5)
+        assert int(figure("routing.flagged")) == sum(s["below_floor"] for s in rep["slices"])

@@ -4,7 +4,8 @@ through a real vLLM CPU engine in a student actor -> `datagen route report`.
 
 Asserted: every eval prompt is held out from training; the near-duplicate screening count
 is reported; the operating point was chosen on the calibration split and is reported on
-the test split; the student's answers came with log-probs (its signals are computed).
+the test split; the student's answers came with log-probs (its signals are computed), and
+its tokenizer went into router.json; `datagen report` draws the routing section.
 Slow (one vLLM engine start, ~40 s on 2 cores; training ~20 s).
 """
 
@@ -68,4 +69,11 @@ def test_generate_train_eval_route(tmp_path, fake_server):
     assert {"teacher_share", "quality", "quality_loss"} <= set(op["test"])
     router = json.loads((tmp_path / "route" / "router.json").read_text())
     assert router["threshold"] == op["threshold"] and router["data"]["calibration_rows"] == cal
+    assert router["student_tokenizer"] == meta["student_tokenizer"] is not None
     print(res.stdout[-2000:])
+
+    # the report page draws it (the routing section of `datagen report`)
+    res = datagen("report", str(out), "--routing", str(tmp_path / "route"), "--to", str(tmp_path / "r.html"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="fig-routing"' in html and f'data-figure="routing.chosen">{report["chosen"]}<' in html

@@ -193,3 +193,128 @@ def test_hf_fallback_writes_an_eval_table_the_report_reads(tmp_path):
     assert all(r["signals"]["mean_entropy"] is not None and r["signals"]["agreement"] is not None for r in back)
     assert summary["requests"] == 12 and summary["counts"]["rows"] == 6
     assert json.loads(infer.meta_path(tmp_path / "eval.jsonl").read_text())["backend"] == "hf"
+
+
+# --------------------------------------------------------------------------- field-level credit
+
+
+def test_extraction_gets_field_level_credit_from_the_jobs_fields_filter(tmp_path):
+    """The job ran the `fields` filter: an answer gets the share of the seed's reference
+    fields it gets right, provided the other filters keep it."""
+    held, train = _split(20)
+    job = {**JOB, "filters": ["nonempty", "format", {"name": "fields", "fields": ["order_id", "product"],
+                                                      "ids": ["order_id"]}]}
+    ref = json.dumps({"order_id": "#48213", "product": "desk lamp"})
+
+    def with_ref(r):
+        r["provenance"] = {**r["provenance"], "reference": ref}
+        return r
+
+    streams = {"accepted": [with_ref(_row(_text(i), response='{"order_id": "48213", "product": "Desk Lamp"}'))
+                            for i in train + held]}
+    es = evalset.from_output(_store(tmp_path, streams, job), holdout_fraction=FRACTION)
+    assert es.quality.method == "verifier:nonempty,format,fields; field_credit:order_id,product"
+    it = es.items[:4]
+    answers = [{"response": '{"order_id": "ORD-48213", "product": "desk lamp"}', "finish_reason": "stop"},
+               {"response": '{"order_id": "48213", "product": "chair"}', "finish_reason": "stop"},
+               {"response": '{"order_id": "1", "product": "chair"}', "finish_reason": "stop"},
+               {"response": "", "finish_reason": "stop"}]  # nonempty drops it: no credit at all
+    assert es.quality.score(it, answers) == [1.0, 0.5, 0.0, 0.0]
+    assert es.quality.score(it[:1], [evalset.teacher_answer(it[0])]) == [1.0]
+
+
+def test_traffic_with_json_references_gets_field_credit(tmp_path):
+    path = tmp_path / "t.jsonl"
+    refs = [{"order_id": "A-100", "product": "lamp", "color": None}, {"order_id": "200", "product": "desk"}]
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "teacher_response": json.dumps(r), "reference": r}) + "\n"
+                            for i, r in enumerate(refs)))
+    es = evalset.from_file(path, id_fields=["order_id"])
+    assert es.quality.method == "field_credit:reference"
+    assert es.quality.score(es.items, [evalset.teacher_answer(it) for it in es.items]) == [1.0, 1.0]
+    student = [{"response": '{"order_id": "#100", "product": "lamp", "color": "red"}'},  # color should be null
+               {"response": 'sure: {"order_id": 200}'}]  # product missing
+    assert es.quality.score(es.items, student) == pytest.approx([2 / 3, 0.5])
+    # CSV: the reference is the object's JSON text; without id_fields an id compares as text
+    csv = tmp_path / "t.csv"
+    csv.write_text('prompt,teacher_response,reference\n"q","x","{""order_id"": ""A-100""}"\n')
+    es = evalset.from_file(csv)
+    assert es.quality.method == "field_credit:reference"
+    assert es.quality.score(es.items, [{"response": '{"order_id": "100"}'}]) == [0.0]
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text(json.dumps({"prompt": "a", "teacher_response": "x", "reference": {"k": 1}}) + "\n"
+                     + json.dumps({"prompt": "b", "teacher_response": "x", "reference": "4"}) + "\n")
+    with pytest.raises(DatagenError, match="1 of 2 references are JSON objects") as exc:
+        evalset.from_file(mixed)
+    assert "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- a teacher for the traffic
+
+
+def test_a_traffic_file_without_teacher_answers_needs_a_teacher(tmp_path):
+    import yaml
+
+    from datagen.route import infer
+
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with pytest.raises(DatagenError) as exc:
+        evalset.from_file(bare)
+    assert "or a `teacher:` in the eval file" in str(exc.value) and "\n" not in str(exc.value)
+    assert evalset.from_file(bare, answers=True).items[0]["teacher_response"] is None
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({
+        "data": {"path": "out"}, "output": "e.jsonl", "student": {"path": "s"},
+        "teacher": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}}))
+    from datagen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher: only for a traffic file"):
+        infer.load(tmp_path / "e.yaml")
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({
+        "data": {"traffic": "bare.jsonl"}, "output": "e.jsonl", "student": {"path": "s"},
+        "teacher": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
+                    "mode": "batch"}}))
+    with pytest.raises(ConfigError, match="mode batch is not served through the teacher fleet"):
+        infer.load(tmp_path / "e.yaml")
+
+
+def _tiny_student(dest):
+    import yaml
+
+    from datagen.train import student
+    from datagen.train.config import Student
+
+    cfg = yaml.safe_load((REPO / "examples" / "train.yaml").read_text())["student"]
+    model, tok = student.build(Student.model_validate(cfg), seed=0)
+    student.save_final(model, tok, dest)
+
+
+def test_the_eval_files_teacher_answers_rows_without_one(tmp_path, fake_server):
+    """A real Ray fleet of the eval file's openai teacher (the fake server on 127.0.0.1)
+    answers the 3 rows that lack a teacher answer; field credit against the references."""
+    import yaml
+
+    from datagen.route import infer
+
+    _tiny_student(tmp_path / "student")
+    rows = [{"id": "given", "prompt": "order 11111 please", "teacher_response": '{"order_id": "99999", "product": "thing"}',
+             "reference": {"order_id": "11111", "product": "thing"}},
+            {"id": "a", "prompt": "order 22222 please", "reference": {"order_id": "22222", "product": "thing"}},
+            {"id": "b", "prompt": "order 33333 please", "reference": {"order_id": "33333", "product": "lamp"}},
+            {"id": "c", "prompt": "my office chair broke", "reference": {"order_id": None, "product": "chair"}}]
+    (tmp_path / "traffic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "data": {"traffic": "traffic.jsonl", "id_fields": ["order_id"]}, "output": "eval.jsonl", "num_cpus": 2,
+        "student": {"path": "student", "backend": "hf", "max_tokens": 4, "logprobs": 3},
+        "teacher": {"name": "fake", "backend": "openai", "model": "fake-model", "base_url": fake_server.base_url,
+                    "batch_size": 2, "timeout_s": 5, "sampling": {"temperature": 0.0, "max_tokens": 32}}}))
+    ev = infer.load(tmp_path / "eval.yaml")
+    out, summary = infer.build(ev)
+    assert fake_server.requests == 3  # only the rows without a teacher answer
+    assert summary["teacher_run"]["answered"] == 3 and summary["teacher_run"]["failed"] == 0
+    assert summary["quality"] == "field_credit:reference"
+    by_id = {r["id"]: r for r in out}
+    # given: its own answer, order id wrong; a: right; b: product "thing" not "lamp"; c: prose
+    assert [by_id[i]["q_teacher"] for i in ("given", "a", "b", "c")] == [0.5, 1.0, 0.5, 0.0]
+    assert {json.dumps(r["teacher"], sort_keys=True) for r in out} == {
+        json.dumps({"model": "fake-model", "name": "fake", "revision": None}, sort_keys=True)}
+    assert by_id["a"]["teacher_completion_tokens"] and by_id["a"]["teacher_response"].startswith('{"order_id": "22222"')

@@ -167,3 +167,45 @@ def test_report_bad_input_lines():
     rows = [dict(r, signals={}) for r in eval_rows(8)]
     with pytest.raises(DatagenError, match="no router has a score on every row"):
         report.build(rows, eval_sha256="x")
+
+
+def test_answers_from_another_tokenizer_are_refused_where_a_signal_reads_tokens(tmp_path, capsys):
+    path = tmp_path / "router.json"
+    write(path, make_router(student_tokenizer="tok-calibrated"))
+    same = {"token_logprobs": [-0.1], "tokenizer_fingerprint": "tok-calibrated"}
+    other = {"token_logprobs": [-0.1], "tokenizer_fingerprint": "tok-other"}
+    r = load(path)
+    assert r.decide(same) == "student" and r.decide({"token_logprobs": [-0.1]}) == "student"  # none: trusted
+    with pytest.raises(DatagenError, match="calibrated on log-probs over the student's tokenizer tok-calibrat"):
+        r.decide(other)
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps(a) + "\n" for a in (same, other, other)))
+    assert main(["route", "check", str(path), str(traffic)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 of 3 answers (first: #2)" in err[0] and "tokenized by tok-other" in err[0]
+    # a signal that reads no tokens does not care which tokenizer the answer used
+    fmt = make_router(signal="format_valid", threshold=0.5, student_tokenizer="tok-calibrated")
+    assert fmt.decide({"format_ok": True, "tokenizer_fingerprint": "tok-other"}) == "student"
+    learned_on_tokens = make_router(signal="learned", threshold=0.5, student_tokenizer="tok-calibrated",
+                                    learned=LearnedModel(features=["format_valid", "mean_entropy"], mean=[0, 0],
+                                                         scale=[1, 1], coef=[1, 1], intercept=0))
+    assert learned_on_tokens.reads_tokens and learned_on_tokens.tokenizer_mismatch(other)
+
+
+def test_the_report_writes_the_students_tokenizer_and_refuses_two(tmp_path):
+    rows = [dict(r, student_tokenizer="tok-a") for r in eval_rows(40)]
+    _, chosen = report.build(rows, eval_sha256="x")
+    assert chosen.student_tokenizer == "tok-a"
+    rows[5]["student_tokenizer"] = "tok-b"
+    with pytest.raises(DatagenError, match="come from 2 tokenizers"):
+        report.build(rows, eval_sha256="x")
+
+
+def test_a_price_missing_for_the_cost_axis_is_one_line(tmp_path, capsys):
+    src = tmp_path / "eval.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in eval_rows(40)))
+    (tmp_path / "cost.yaml").write_text("teacher_basis: api\nstudent_usd_per_hour: 1.0\n")
+    assert main(["route", "report", str(src), "--out", str(tmp_path / "out"), "--cost", str(tmp_path / "cost.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher_basis is api but cost.teacher_price" in err[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -8,7 +8,8 @@ when it is viewed). ``datagen run`` and ``resume`` write ``OUT/report.html`` at 
 
 A new section: a key in ``collect.collect`` (None when absent), a figure in ``plots.py``,
 an empty-state line in ``page.EMPTY`` and a block in ``page.html.j2``. The ``routing``
-section is the hook left for routing curves.
+section draws a ``datagen route report`` (``--routing DIR``, else found under the
+``--train`` output's or the output's own ``route/``).
 
 Not covered: figures of work that the output does not record (an engine's own queue,
 HTTP requests in flight); rows written after the report (it is a snapshot, rewritten by
@@ -24,7 +25,7 @@ REPORT_FILE = "report.html"
 
 
 def write_report(root: Path | str, dest: Path | None = None, *, output: Any = None, train: Path | None = None,
-                 eval_file: Path | None = None) -> str:
+                 eval_file: Path | None = None, routing: Path | None = None) -> str:
     """Write the report of the output at ``root`` to ``dest`` (default ``root/report.html``,
     an object in the store for ``s3://``); returns where it went."""
     from datagen.report.collect import collect
@@ -33,7 +34,7 @@ def write_report(root: Path | str, dest: Path | None = None, *, output: Any = No
     from datagen.storage.shards import atomic_write_text, is_url
 
     store = open_store(root if is_url(root) else Path(root), output)
-    html = render(collect(store, train=train, eval_file=eval_file))
+    html = render(collect(store, train=train, eval_file=eval_file, routing_file=routing))
     if dest is not None:
         atomic_write_text(Path(dest), html)
         return str(dest)

@@ -5,7 +5,8 @@ manifest's counts and reasons (the figures the page leads with are the manifest'
 the job (only the fields in ``TEACHER_FIELDS``: never a ``base_url`` or a key's name),
 ``metrics.jsonl`` (each run and resume: throughput and queue depths over time, wall
 time, stop reason), ``prompts_report.json``, the dedupe view's ``dedupe/report.json``,
-and, when given, a ``datagen train`` output's ``log.jsonl`` and a ``datagen eval`` report.
+and, when given, a ``datagen train`` output's ``log.jsonl`` and a ``datagen eval`` report,
+and a routing report (``datagen route report``'s ``report.json``: ``routing``).
 
 A section that has no data is ``None`` in the dict and the page says why
 (``page.EMPTY``).
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datagen.errors import DatagenError
 from datagen.licenses import CLASSES, Registry
 from datagen.report.scan import scan
 
@@ -47,7 +49,8 @@ def _json(text: str | None) -> Any:
         return None
 
 
-def collect(store: Any, *, train: Path | None = None, eval_file: Path | None = None) -> dict[str, Any]:
+def collect(store: Any, *, train: Path | None = None, eval_file: Path | None = None,
+            routing_file: Path | None = None) -> dict[str, Any]:
     from datagen.prompts.diversity import REPORT_FILE
     from datagen.run.metrics import METRICS_FILE
 
@@ -73,7 +76,7 @@ def collect(store: Any, *, train: Path | None = None, eval_file: Path | None = N
         "licenses": licenses(job, rows.pop("licenses"), m.license_totals()),
         "train": train_log(train),
         "eval": _json(eval_file.read_text()) if eval_file and eval_file.is_file() else None,
-        "routing": routing(store),
+        "routing": routing(store, routing_file, train),
     }
 
 
@@ -177,8 +180,58 @@ def train_log(out: Path | None) -> dict[str, Any] | None:
             "last": {k: steps[-1].get(k) for k in ("step", "loss", "ce", "kd", "tokens")}}
 
 
-def routing(store: Any) -> dict[str, Any] | None:
-    """Hook for routing curves (a later issue): return their series here, read from a side
-    file of ``store`` with ``side_text``, and fill the ``routing`` block of ``page.html.j2``
-    (its figure in ``plots.py``). None draws the section's empty state."""
-    return None
+ROUTING_FILE = "route/report.json"  # where `datagen route report --out DIR` puts it, under DIR = OUT/route
+CURVE_POINTS = 400  # points of a routing curve drawn at most: every k-th beyond (the last always kept)
+
+
+def routing(store: Any, path: Path | None = None, train: Path | None = None) -> dict[str, Any] | None:
+    """A ``datagen route report`` (``report.json``, or the folder holding it): ``path`` when
+    given, else ``TRAIN/route/report.json`` (the README's layout), else the output's own
+    ``route/report.json``. Only what the page shows: the curves (thinned to
+    ``CURVE_POINTS``), the RouteLLM numbers, AUROC, each operating point with its
+    intervals, costs and slices; never the worst rows' ids or the router's coefficients."""
+    if path is not None:
+        path = path / "report.json" if path.is_dir() else path
+        text = path.read_text() if path.is_file() else None
+        if text is None:
+            raise DatagenError(f"{path}: no routing report (`datagen route report EVAL --out DIR` writes DIR/report.json)")
+    elif train is not None and (train / ROUTING_FILE).is_file():
+        text = (train / ROUTING_FILE).read_text()
+    else:
+        text = side_text(store, ROUTING_FILE)
+    rep = _json(text)
+    if not isinstance(rep, dict) or "routers" not in rep or "baselines" not in rep:
+        if path is not None:
+            raise DatagenError(f"{path}: not a routing report (no routers or baselines)")
+        return None
+
+    def thin(curve: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        if not curve:
+            return None
+        n = len(curve["share"])
+        keep = sorted(set(range(0, n, max(1, -(-n // CURVE_POINTS)))) | {n - 1})
+        return {k: [v[i] for i in keep] for k, v in curve.items() if isinstance(v, list) and len(v) == n}
+
+    routers = {}
+    for name, r in rep["routers"].items():
+        curve = dict(r.get("curve") or {})
+        if r.get("cost_curve"):
+            curve["cost"] = r["cost_curve"]
+        op = r.get("operating_point") or {}
+        routers[name] = {"apgr": r.get("apgr"), "cpt50": r.get("cpt50"), "cpt80": r.get("cpt80"),
+                         "auroc": r.get("auroc"), "curve": thin(curve), "threshold": op.get("threshold"),
+                         "calibration": op.get("calibration") or {}, "test": op.get("test") or {}}
+    base = rep["baselines"]
+    eval_set = rep.get("eval_set") or {}
+    return {
+        "chosen": rep.get("chosen"), "rows": rep.get("rows") or {}, "tolerance": rep.get("tolerance"),
+        "quality": rep.get("quality") or [], "student": rep.get("student"), "teacher": rep.get("teacher"),
+        "all_student": base.get("all_student"), "all_teacher": base.get("all_teacher"),
+        "random": {k: v for k, v in (base.get("random") or {}).items() if k != "curve"},
+        "oracle": {**{k: v for k, v in (base.get("oracle") or {}).items() if k != "curve"},
+                   "curve": thin((base.get("oracle") or {}).get("curve"))},
+        "routers": routers, "skipped": rep.get("skipped") or {},
+        "cost": rep["cost_per_1k"] if "all_teacher" in (rep.get("cost_per_1k") or {}) else None,
+        "quality_floor": rep.get("quality_floor"), "slices": rep.get("slices") or [],
+        "eval_set": {"source": eval_set.get("source"), "counts": eval_set.get("counts") or {}} if eval_set else None,
+    }

@@ -36,7 +36,9 @@ EMPTY = {
     "samples": "the output has no rows",
     "train": "no training log: pass `--train DIR` (a `datagen train` output) to `datagen report`",
     "eval": "no eval table: pass `--eval FILE` (the output of `datagen eval`) to `datagen report`",
-    "routing": "no routing curves: nothing in datagen writes them yet (hook: report/collect.py `routing`)",
+    "routing": "no routing report: pass `--routing DIR` (`datagen route report EVAL --out DIR`) to `datagen "
+               "report`, or write it to OUT/route/ or the `--train` output's route/",
+    "routing_curve": "the routing report has no curve to draw",
 }
 
 
@@ -52,9 +54,24 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
+def _metric(value: Any, pct: bool = False) -> str:
+    """A routing number, which may be ``{"undefined": reason}`` (``route.metrics.Metric``)."""
+    if isinstance(value, dict) or value is None:
+        return "undefined" if isinstance(value, dict) else "–"
+    return _pct(value) if pct else f"{value:.3f}"
+
+
+def _ci(v: dict[str, float] | None, pct: bool = True) -> str:
+    """An interval of ``router.Interval`` as ``value [low, high]``."""
+    if not v:
+        return "–"
+    f = _pct if pct else (lambda x: f"{x:.3f}")
+    return f"{f(v['value'])} [{f(v['low'])}, {f(v['high'])}]"
+
+
 def _env() -> Environment:
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(n=_n, pct=_pct)
+    env.filters.update(n=_n, pct=_pct, metric=_metric, ci=_ci)
     return env
 
 
@@ -73,6 +90,7 @@ def figures(d: dict[str, Any]) -> dict[str, str | None]:
         "clusters": plots.cluster_sizes(d["dedupe"]["cluster_sizes"] or {}) if d["dedupe"] else None,
         "licenses": plots.license_classes(d["licenses"]["by_class"]),
         "train": plots.train(d["train"]) if d["train"] else None,
+        "routing": plots.routing(d["routing"]) if d["routing"] else None,
     }
 
 

@@ -48,7 +48,7 @@ def _svg(fig: Any, name: str) -> str:
 
 def _draw(name: str, height: float = 2.6, ncols: int = 1):  # noqa: ANN202 - a decorator factory
     def wrap(fn):  # noqa: ANN001, ANN202
-        def run(*args: Any, height: float = height, **kw: Any) -> str | None:
+        def run(*args: Any, height: float = height, ncols: int = ncols, **kw: Any) -> str | None:
             import matplotlib
 
             with matplotlib.rc_context(RC):
@@ -208,4 +208,53 @@ def train(axes: Any, log: dict[str, Any]) -> bool:
             ax.plot(log["step"], [float("nan") if y is None else y for y in ys], label=key, color=color, linewidth=1)
     ax.set(title="training loss", xlabel="step")
     ax.legend(frameon=False, fontsize=7)
+    return True
+
+
+def routing(rep: dict[str, Any]) -> str | None:
+    """Quality against the share sent to the teacher (every router, the random router, the
+    oracle, all-student and all-teacher lines) and, with a cost model, against the
+    cascade's USD per 1,000 queries (the oracle has no cost per point: not drawn there)."""
+    return _routing(rep, ncols=2 if rep.get("cost") else 1, height=2.8)
+
+
+@_draw("routing")
+def _routing(axes: Any, rep: dict[str, Any]) -> bool:
+    weak, strong = rep["all_student"], rep["all_teacher"]
+    curves = {name: r["curve"] for name, r in rep["routers"].items() if r.get("curve")}
+    if not curves or weak is None or strong is None:
+        return False
+    share = axes[0]
+    for (name, c), color in zip(curves.items(), PALETTE):
+        chosen = name == rep.get("chosen")
+        share.plot(c["share"], c["quality"], color=color, linewidth=1.6 if chosen else 1,
+                   label=name + (" (router.json)" if chosen else ""))
+        op = rep["routers"][name]
+        if chosen and op.get("test", {}).get("teacher_share"):
+            share.plot([op["test"]["teacher_share"]["value"]], [op["test"]["quality"]["value"]], "o", color=color,
+                       markersize=5, label="operating point (test)")
+    share.plot([0, 1], [weak, strong], color="#999999", linestyle="--", linewidth=1, label="random")
+    oracle = (rep.get("oracle") or {}).get("curve")
+    if oracle:
+        share.plot(oracle["share"], oracle["quality"], color="#222222", linestyle=":", linewidth=1, label="oracle")
+    for y, label in ((weak, "all-student"), (strong, "all-teacher")):
+        share.axhline(y, color="#bbbbbb", linewidth=0.8)
+        share.annotate(label, (1.0, y), fontsize=7, color="#666666", ha="right", va="bottom")
+    share.set(title="quality vs teacher share (test split)", xlabel="share of traffic sent to the teacher",
+              ylabel="mean quality", xlim=(0, 1))
+    share.legend(frameon=False, fontsize=7)
+    if len(axes) > 1:
+        cost, c1k = axes[1], rep["cost"]
+        for (name, c), color in zip(curves.items(), PALETTE):
+            if c.get("cost"):
+                cost.plot(c["cost"], c["quality"], color=color, linewidth=1.6 if name == rep.get("chosen") else 1,
+                          label=name)
+        cascade_all = c1k["all_student"] + c1k["all_teacher"]  # the cascade sending everything on
+        cost.plot([c1k["all_student"], cascade_all], [weak, strong], color="#999999", linestyle="--", linewidth=1,
+                  label="random")
+        cost.plot([c1k["all_student"]], [weak], "s", color="#666666", markersize=4, label="all-student")
+        cost.plot([c1k["all_teacher"]], [strong], "^", color="#222222", markersize=5, label="all-teacher (no student)")
+        cost.set(title="quality vs cost (the student always runs)", xlabel="USD per 1,000 queries",
+                 ylabel="mean quality")
+        cost.legend(frameon=False, fontsize=7)
     return True

@@ -50,7 +50,10 @@ def eval_line(summary: dict) -> str:
     c = summary["counts"]
     held = (f"{c['held_out']} held-out prompts, {c.get('contaminated', 0)} dropped as near-duplicates of "
             f"training prompts, " if "held_out" in c else "")
-    return (f"eval set {summary['source']}: {held}{c['rows']} rows; quality: {summary['quality']}; student "
+    t = summary.get("teacher_run")
+    ran = (f"; teacher {t['teacher']['name']!r} answered {t['answered']} rows ({t['failed']} failed)"
+           if t else "")
+    return (f"eval set {summary['source']}: {held}{c['rows']} rows; quality: {summary['quality']}{ran}; student "
             f"{summary['backend']}: {summary['rows_per_s']:.2f} rows/s")
 
 

@@ -16,22 +16,31 @@ Two sources:
 ``from_file``
     A user's own traffic (JSONL, CSV or Parquet): ``prompt`` (text) or ``messages``
     (a chat, a JSON string in CSV), optional ``id``, ``teacher_response`` (the teacher's
-    answer) and ``reference`` (the right final answer). Other columns are kept as the
-    seed a verifier may read.
+    answer) and ``reference`` (the right final answer, or a JSON object of fields). Other
+    columns are kept as the seed a verifier may read. Rows without a teacher answer are
+    refused unless the eval file names a teacher that answers them (``teacher=True``
+    here; ``route/infer.py`` runs it); with neither references nor teacher answers nor a
+    teacher there is nothing to score against.
 
 Quality (``Quality``), a score in [0, 1] for the student's and the teacher's answer alike:
 
 - ``verifier:<filters>`` when the output's job ran a filter that checks the answer
-  (``VERIFYING``: format, schema, math, code, judge): 1 when every one of the job's filters
-  keeps the answer, checked against the seed's references as generation did;
-- ``reference`` when the eval set has references: the final answer
+  (``VERIFYING``: format, schema, math, code, judge, fields): 1 when every one of the job's
+  filters keeps the answer, checked against the seed's references as generation did.
+  With the ``fields`` filter (extraction) the method reads
+  ``verifier:<filters>; field_credit:<fields>``: partial credit, the share of the
+  reference's fields the answer gets right (the ``fields`` filter's score), when every
+  other filter keeps it, else 0;
+- ``field_credit:reference`` when every reference of a traffic file is a JSON object:
+  the share of its fields the answer's JSON gets right, compared by the ``fields`` filter
+  (``filters/fields.py``; ``id_fields`` compare by their digits);
+- ``reference`` when the eval set has (text) references: the final answer
   (``train.evaluate.final_answer``) equals the reference's;
 - ``teacher_agreement`` otherwise: the teacher is the gold (1), the student scores 1 when
   its final answer equals the teacher's.
 
-Not covered: field-level partial credit for extraction (an answer is right or wrong), a
-judge grading the two answers side by side, a teacher run for a traffic file without
-teacher answers.
+Not covered: a judge grading the two answers side by side; partial credit against the
+teacher's JSON when the teacher is the gold (right or wrong as a whole).
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from datagen.errors import ConfigError, DatagenError
 from datagen.validation import Strict
 
 # Filters that check the answer itself, not only its shape on the wire.
-VERIFYING = frozenset({"format", "schema", "math", "code", "judge"})
+VERIFYING = frozenset({"format", "schema", "math", "code", "judge", "fields"})
+PARTIAL = "fields"  # the filter whose score is the answer's partial credit
 # Filters a serving stack can run on the student's answer (no reference): the format_valid signal.
 SERVING_CHECKS = frozenset({"nonempty", "not_truncated", "format", "schema"})
 STREAMS = ("accepted", "rejected", "failed")
@@ -80,8 +90,9 @@ class Quality:
     """Scores answers in [0, 1]; ``method`` names how (it goes into every eval row)."""
 
     def __init__(self, method: str, *, filters: Sequence[Any] = (), answer: Any = None,
-                 context: dict[str, Any] | None = None):
+                 context: dict[str, Any] | None = None, id_fields: Sequence[str] = ()):
         self.method = method
+        self.id_fields = list(id_fields)  # field_credit:reference: fields compared by their digits
         self.chain = self.checks = None
         if filters:
             from datagen.filters import FilterChain
@@ -102,7 +113,11 @@ class Quality:
             from datagen.validation import read_yaml
 
             template = read_yaml(Path(job["prompts"]["template"]), what="template")
-            return cls("verifier:" + ",".join(names), filters=filters, answer=template.get("answer"),
+            method = "verifier:" + ",".join(names)
+            fields = next((f for f in filters if _filter_name(f) == PARTIAL), None)
+            if isinstance(fields, dict):
+                method += "; field_credit:" + ",".join(fields["fields"])
+            return cls(method, filters=filters, answer=template.get("answer"),
                        context={"teachers": {t["name"]: t for t in job.get("teachers") or []}})
         return cls("teacher_agreement")
 
@@ -118,8 +133,11 @@ class Quality:
                                       [items[i].get("seed") for i in ok])
             out = [0.0] * len(items)
             for i, vs in zip(ok, verdicts):
-                out[i] = float(all(v.keep for v in vs))
+                out[i] = _credit(vs)
             return out
+        if self.method == FIELD_CREDIT:
+            return [0.0 if a is None else field_credit(it["reference"], a, self.id_fields)
+                    for it, a in zip(items, answers)]
         gold = "reference" if self.method == "reference" else "teacher_response"
         return [0.0 if a is None else float(final_answer(a.get("response") or "") == final_answer(it[gold] or ""))
                 for it, a in zip(items, answers)]
@@ -131,6 +149,29 @@ class Quality:
             return None
         verdicts = self.checks.run([_row(it, a, max_tokens) for it, a in zip(items, answers)], [None] * len(items))
         return [[v.to_dict() for v in vs] for vs in verdicts]
+
+
+FIELD_CREDIT = "field_credit:reference"
+
+
+def _credit(verdicts: Sequence[Any]) -> float:
+    """1 when every verdict keeps; with the ``fields`` filter, its score (the share of
+    fields right) when every other verdict keeps."""
+    gates = [v for v in verdicts if v.filter != PARTIAL]
+    if not all(v.keep for v in gates):
+        return 0.0
+    partial = [v.score if v.score is not None else float(v.keep) for v in verdicts if v.filter == PARTIAL]
+    return float(min(partial)) if partial else 1.0
+
+
+def field_credit(reference: dict[str, Any], answer: dict[str, Any], id_fields: Sequence[str] = ()) -> float:
+    """The share of ``reference``'s fields that the answer's JSON object gets right, as the
+    ``fields`` filter compares them (0 for an answer that is not a JSON object)."""
+    from datagen.filters.fields import FieldsMatch, FieldsSpec
+
+    spec = FieldsSpec(fields=list(reference), ids=[f for f in id_fields if f in reference])
+    verdict = FieldsMatch(spec).check({"response": answer.get("response")}, reference)
+    return float(verdict.score or 0.0)
 
 
 def _row(item: dict[str, Any], answer: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
@@ -230,7 +271,10 @@ def _item(row: dict[str, Any], stream: str, clusters: Counter) -> dict[str, Any]
 # --------------------------------------------------------------------------- a traffic file
 
 
-def from_file(path: str | Path, *, max_rows: int | None = None, teacher: str = "teacher") -> EvalSet:
+def from_file(path: str | Path, *, max_rows: int | None = None, teacher: str = "teacher",
+              answers: bool = False, id_fields: Sequence[str] = ()) -> EvalSet:
+    """A traffic file as an eval set. ``answers``: a teacher will answer the rows that
+    have no ``teacher_response`` (their ``teacher_response`` stays None here)."""
     from datagen import records
     from datagen.prompts.seeds import READERS, BadRow, source_format, where
 
@@ -257,20 +301,42 @@ def from_file(path: str | Path, *, max_rows: int | None = None, teacher: str = "
             "id": str(row.get("id") or records.prompt_id(messages)), "messages": messages, "stream": "traffic",
             "teacher_response": row.get("teacher_response"), "teacher_finish": "stop",
             "teacher": {"name": teacher, "model": teacher, "revision": None},
-            "reference": None if row.get("reference") is None else str(row["reference"]),
+            "reference": _reference(row.get("reference"), where(path, fmt, n)),
             "seed": extra or None,
         })
         if max_rows is not None and len(items) >= max_rows:
             break
     if not items:
         raise DatagenError(f"{path}: the eval set is empty")
-    has_ref = all(it["reference"] is not None for it in items)
-    has_teacher = all(it["teacher_response"] is not None for it in items)
-    if not has_teacher:
-        missing = sum(it["teacher_response"] is None for it in items)
+    refs = [it["reference"] for it in items]
+    has_ref = all(r is not None for r in refs)
+    missing = sum(it["teacher_response"] is None for it in items)
+    if missing and not answers:
         what = ("it has no references (`reference`) and no teacher answers" if not any(
-            it["reference"] is not None for it in items) else f"{missing} of {len(items)} rows lack one")
+            r is not None for r in refs) and missing == len(items) else f"{missing} of {len(items)} rows lack one")
         raise DatagenError(f"{path}: the routing report compares the student with the teacher, so every row needs "
-                           f"the teacher's answer (`teacher_response`) to score; {what}")
-    return EvalSet(items, Quality("reference" if has_ref else "teacher_agreement"),
-                   Counter(rows=len(items)))
+                           f"the teacher's answer (`teacher_response`), or a `teacher:` in the eval file to answer "
+                           f"it; {what}")
+    objects = sum(isinstance(r, dict) for r in refs)
+    if objects and objects != len(items):
+        raise DatagenError(f"{path}: {objects} of {len(items)} references are JSON objects (fields) and the rest "
+                           "are not; field-level credit needs an object on every row")
+    method = FIELD_CREDIT if objects else "reference" if has_ref else "teacher_agreement"
+    return EvalSet(items, Quality(method, id_fields=id_fields), Counter(rows=len(items)))
+
+
+def _reference(value: Any, where: str) -> str | dict[str, Any] | None:
+    """A text reference, or a JSON object of fields (a mapping, or its JSON text)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        value = parsed if isinstance(parsed, dict) else value
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError(f"{where}: reference is an empty JSON object (no fields to compare)")
+        return value
+    return str(value)

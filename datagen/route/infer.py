@@ -18,10 +18,16 @@ Each prompt gets the routed answer (temperature 0) and, with ``samples: n``, n m
 inference wall time (after the engine is up) over the eval rows, the same on every row:
 what one answer cost this student on this hardware, samples included.
 
+A traffic file without teacher answers: the eval file's ``teacher:`` (a job's teacher
+entry, ``vllm`` or ``openai``) answers the rows that lack one, through the same fleet
+(``teacher_answers``), before the student runs; each in a Ray instance of its own, so
+two engines never share a 2-core machine.
+
 Each eval row: ``id``, ``q_student``, ``q_teacher``, ``quality`` (the method,
 ``evalset.Quality``), ``signals`` (``signals.signals`` of the student's answer; its
-log-prob arrays are not kept), both answers' text, the identities, the slices and the
-token counts. ``OUTPUT.meta.json`` beside it holds the eval set's counts (held out,
+log-prob arrays are not kept), both answers' text, the identities, the student's
+``student_tokenizer`` (its fingerprint: the log-prob signals are over its tokens), the
+slices and the token counts. ``OUTPUT.meta.json`` beside it holds the eval set's counts (held out,
 contaminated, ...), the quality method and the throughput; ``datagen route report`` shows it.
 
 Ray, vLLM and torch are imported only when a backend runs.
@@ -39,7 +45,7 @@ from pydantic import Field, model_validator
 
 from datagen.errors import DatagenError
 from datagen.route import evalset, signals
-from datagen.teachers.spec import VLLMEngine
+from datagen.teachers.spec import Teacher, VLLMEngine
 from datagen.validation import Strict, read_model
 
 # Head sizes vLLM's CPU attention serves (vllm/v1/attention/backends/cpu_attn.py).
@@ -73,6 +79,8 @@ class Source(Strict):
     traffic: Path | None = Field(None, description="your own file (JSONL / CSV / Parquet)")
     holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="the train file's value")
     teacher: str = Field("teacher", description="traffic: the name of the teacher that answered")
+    id_fields: list[str] = Field(default_factory=list, description="traffic with JSON-object references: "
+                                 "fields compared by their digits (order numbers), as the fields filter's ids")
     screen: evalset.Screen = Field(default_factory=evalset.Screen)
 
     @model_validator(mode="after")
@@ -85,9 +93,20 @@ class Source(Strict):
 class RouteEval(Strict):
     data: Source
     student: StudentSpec
+    teacher: Teacher | None = Field(None, description="traffic: the teacher (a job's teacher entry, vllm or "
+                                    "openai) that answers the rows without a teacher_response")
     max_rows: int = Field(200, ge=1)
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
     output: Path = Field(description="the eval table (JSONL) for `datagen route report`")
+
+    @model_validator(mode="after")
+    def _teacher_for_traffic(self) -> RouteEval:
+        if self.teacher is not None and self.data.traffic is None:
+            raise ValueError("teacher: only for a traffic file (a datagen output's held-out prompts keep the "
+                             "teacher's own answers, failed ones included)")
+        if getattr(self.teacher, "in_batches", False):  # answered by provider batch jobs, not fleet actors
+            raise ValueError("teacher: mode batch is not served through the teacher fleet; use mode: online")
+        return self
 
 
 def load(path: str | os.PathLike[str]) -> RouteEval:
@@ -152,23 +171,30 @@ def _teacher_spec(spec: StudentSpec, max_tokens: int) -> Any:
                                                  "engine": spec.engine.model_dump(), "num_gpus": spec.num_gpus})
 
 
-def _call(actor: Any, work: list[dict[str, Any]], options: dict[str, Any]) -> Any:
+def _call(actor: Any, work: list[Any], options: dict[str, Any]) -> Any:
     return (actor.generate.options(**options) if options else actor.generate).remote(work)
 
 
 def fleet_answers(spec: StudentSpec, reqs: list[dict[str, Any]], *, max_tokens: int,
                   num_cpus: int | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any], float]:
-    """Generations by row id through a ``TeacherFleet`` of the student, its ``info()``, and
+    """The student's generations by row id through a ``TeacherFleet``, its ``info()``, and
     the seconds from the first batch sent to the last collected (engine start-up excluded)."""
+    if spec.backend == "vllm" and spec.num_gpus == 0:
+        check_servable(spec.path, spec.engine.max_model_len)
+    return generate(_teacher_spec(spec, max_tokens), reqs, who=f"student {spec.path}", num_cpus=num_cpus)
+
+
+def generate(teacher: Any, reqs: list[dict[str, Any]], *, who: str, num_cpus: int | None = None
+            ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], float]:
+    """Generations by row id from one teacher spec (the student's, or the eval file's
+    teacher) in a ``TeacherFleet`` of its own, in a Ray instance started for it unless
+    one is up (then joined and left running)."""
     import ray
 
     from datagen.config import Runtime
     from datagen.run.cluster import init_ray
     from datagen.teachers.fleet import TeacherFleet, TeacherLost, TeacherRaised
 
-    if spec.backend == "vllm" and spec.num_gpus == 0:
-        check_servable(spec.path, spec.engine.max_model_len)
-    teacher = _teacher_spec(spec, max_tokens)
     runtime = Runtime(num_cpus=num_cpus)
     started = init_ray(runtime)
     try:
@@ -176,22 +202,13 @@ def fleet_answers(spec: StudentSpec, reqs: list[dict[str, Any]], *, max_tokens: 
                              key=lambda r: r["row_id"])
         try:
             fleet.wait_started(runtime.startup_timeout_s, lambda: False)
-            todo = [reqs[i:i + spec.batch_size] for i in range(0, len(reqs), spec.batch_size)]
             out: dict[str, dict[str, Any]] = {}
             t0 = time.perf_counter()
-            while todo or fleet.inflight or fleet.owes():
-                fleet.resend()
-                while todo and (actor := fleet.free(spec.name)) is not None:
-                    fleet.send(actor, spec.name, todo.pop(0))
-                if not fleet.inflight:
-                    fleet.liveness.wait(1.0)
-                    continue
-                ready, _ = ray.wait(list(fleet.inflight), num_returns=1, timeout=1.0)
-                if ready and (answer := fleet.collect(ready[0])) is not None:
-                    out.update((r["row_id"], g) for r, g in zip(answer.work, answer.results))
-            return out, fleet.info[spec.name], time.perf_counter() - t0
+            fleet.feed(teacher.name, (reqs[i:i + teacher.batch_size] for i in range(0, len(reqs), teacher.batch_size)),
+                       lambda answer: out.update((r["row_id"], g) for r, g in zip(answer.work, answer.results)))
+            return out, fleet.info[teacher.name], time.perf_counter() - t0
         except (TeacherRaised, TeacherLost) as exc:
-            raise DatagenError(f"student {spec.path}: {exc}") from None
+            raise DatagenError(f"{who}: {exc}") from None
         finally:
             fleet.close()
     finally:
@@ -240,7 +257,9 @@ def build(cfg: RouteEval) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     src = cfg.data
     es = (evalset.from_output(src.path, holdout_fraction=src.holdout_fraction, max_rows=cfg.max_rows,
                               screen=src.screen) if src.path is not None
-          else evalset.from_file(src.traffic, max_rows=cfg.max_rows, teacher=src.teacher))
+          else evalset.from_file(src.traffic, max_rows=cfg.max_rows, teacher=src.teacher,
+                                 answers=cfg.teacher is not None, id_fields=src.id_fields))
+    teacher_run = teacher_answers(cfg, es) if cfg.teacher is not None else None
     items, spec = es.items, cfg.student
     max_tokens = spec.max_tokens or max(((it.get("sampling") or {}).get("max_tokens") or 0 for it in items),
                                         default=0) or 256
@@ -270,15 +289,55 @@ def build(cfg: RouteEval) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows.append({
             "id": it["id"], "q_student": q_s[i], "q_teacher": q_t[i], "quality": es.quality.method,
             "signals": sig, "response": a["response"], "teacher_response": it.get("teacher_response"),
-            "student": ident, "teacher": it["teacher"], "stream": it["stream"],
-            "axes": it.get("axes"), "seed_source": it.get("seed_source"), "prompt_tokens": it.get("prompt_tokens"),
-            "cluster_size": it.get("cluster_size"), "teacher_completion_tokens": it.get("teacher_completion_tokens"),
+            "student": ident, "student_tokenizer": info.get("tokenizer_fingerprint"), "teacher": it["teacher"],
+            "stream": it["stream"], "axes": it.get("axes"), "seed_source": it.get("seed_source"),
+            "prompt_tokens": it.get("prompt_tokens"), "cluster_size": it.get("cluster_size"),
+            "teacher_completion_tokens": it.get("teacher_completion_tokens"),
             "student_completion_tokens": g.get("completion_tokens"), "student_seconds": per_row,
         })
     summary = {"source": str(src.path or src.traffic), "quality": es.quality.method, "counts": dict(es.counts),
                "student": ident, "backend": spec.backend, "student_tokenizer": info.get("tokenizer_fingerprint"),
                "requests": len(reqs), "seconds": seconds, "rows_per_s": len(items) / seconds if seconds else None}
+    if teacher_run is not None:
+        summary["teacher_run"] = teacher_run
     return rows, summary
+
+
+def teacher_answers(cfg: RouteEval, es: evalset.EvalSet) -> dict[str, Any]:
+    """The eval file's teacher answers the traffic rows that have no teacher answer,
+    through the same fleet as the student (its own sampling, one answer per prompt).
+    Every row then carries that teacher's identity: the file's answers are taken as its
+    own. A teacher that fails on a row: the row scores 0 for the teacher against
+    references, and is dropped (counted: ``no_teacher_answer``) when the teacher is the
+    gold. Returns what ran (for ``OUTPUT.meta.json``)."""
+    t = cfg.teacher
+    todo = [it for it in es.items if it["teacher_response"] is None]
+    info: dict[str, Any] = {}
+    seconds = 0.0
+    if todo:
+        reqs = [{"row_id": f"{it['id']}/teacher", "messages": it["messages"], "seed": 0} for it in todo]
+        gens, info, seconds = generate(t, reqs, who=f"teacher {t.name!r}", num_cpus=cfg.num_cpus)
+        for it in todo:
+            g = gens[f"{it['id']}/teacher"]
+            if g.get("error"):
+                es.counts["teacher_failed"] += 1
+                continue
+            it.update(teacher_response=g["text"], teacher_finish=g["finish_reason"],
+                      prompt_tokens=g.get("prompt_tokens"), teacher_completion_tokens=g.get("completion_tokens"),
+                      sampling=t.sampling.model_dump(mode="json"))
+    ident = {"name": t.name, "model": t.model, "revision": info.get("revision") or t.revision}
+    for it in es.items:
+        it["teacher"] = ident
+    if es.quality.method == "teacher_agreement":
+        kept = [it for it in es.items if it["teacher_response"] is not None]
+        es.counts["no_teacher_answer"] += len(es.items) - len(kept)
+        es.items[:] = kept
+        if not kept:
+            raise DatagenError(f"teacher {t.name!r} answered none of the {len(todo)} rows without a teacher "
+                               "answer, and with no references the teacher is the gold: nothing to score")
+    es.counts["rows"] = len(es.items)
+    return {"teacher": ident, "answered": len(todo) - es.counts["teacher_failed"], "failed": es.counts["teacher_failed"],
+            "seconds": seconds}
 
 
 def write(cfg: RouteEval, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:

@@ -7,11 +7,16 @@ An eval row (JSONL or Parquet, one per prompt) holds:
 - ``signals`` (``signals.SIGNALS`` -> value), or ``answer`` (the student's answer with
   log-probs, samples, verdicts) to compute them from;
 - ``student``, ``teacher``: identities (``router.Identity``), the same on every row;
+  ``student_tokenizer`` (optional, the same on every row): written into ``router.json``;
 - optional ``split`` (``calibration`` / ``test``; else a seeded hash of ``id`` decides);
 - for slices: ``axes`` ({name: value}), ``prompt_tokens``, ``seed_source``,
   ``cluster_size`` (rows in the prompt's dedupe cluster);
 - for costs: ``prompt_tokens``, ``teacher_completion_tokens`` or ``teacher_gpu_seconds``,
   ``student_seconds`` (see ``costs.py``).
+
+Each router's ``curve`` (teacher share, quality, threshold per point) comes with its
+``cost_curve`` when a cost model is given: the cascade's USD per 1,000 queries at each
+point, from the rows' own costs.
 
 Which rows say what. Curves, PGR / APGR / CPT, AUROC and the reliability table are on the
 **test** split (the learned router is fit on the calibration split). Each router's
@@ -116,6 +121,10 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
     if not rows:
         raise DatagenError("eval rows: none")
     student, teacher = identity(rows, "student"), identity(rows, "teacher")
+    tokenizers = {r.get("student_tokenizer") for r in rows}
+    if len(tokenizers) > 1:
+        raise DatagenError(f"eval rows: the student's answers come from {len(tokenizers)} tokenizers "
+                           "(student_tokenizer); its log-prob signals are comparable over one only")
     q_s, q_t = metrics.arrays([r.get("q_student") for r in rows], [r.get("q_teacher") for r in rows])
     c_s, c_t = costs.row_costs(rows, cost) if cost is not None else (None, None)
     cal, test = split(rows, calibration_fraction, seed)
@@ -175,6 +184,9 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
         picks[name] = (op, expected)
         report["routers"][name] = {
             **metrics.summary(curve, weak, strong), "curve": curve.to_json(),
+            # the cascade's USD per 1,000 queries at each point of the curve (test split)
+            "cost_curve": None if c_t is None else [float((c_s[test] + (s[test] < t) * c_t[test]).mean() * 1000)
+                                                    for t in curve.threshold],
             "auroc": metrics.auroc(~ok[test], s[test]).to_json(),
             "reliability": metrics.reliability(ok[test], s[test]),
             "operating_point": {"threshold": op.threshold, "calibration": {"teacher_share": op.share,
@@ -184,6 +196,7 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
     op, expected = picks[chosen]
     router = Router(signal=chosen, threshold=op.threshold, learned=model if chosen == LEARNED else None,
                     tolerance=tolerance, expected=expected, student=student, teacher=teacher,
+                    student_tokenizer=next(iter(tokenizers)),
                     data=Data(eval_sha256=eval_sha256, calibration_rows=len(cal), test_rows=len(test)))
     esc_all = scores[chosen] < op.threshold
     report["chosen"] = chosen

@@ -9,7 +9,11 @@ learned combination's coefficients when the signal is ``learned`` (a logistic re
 on standardised signals, evaluated here with ``math.exp``: scikit-learn is needed to fit
 it, not to use it), what the calibration expects (teacher share, quality, loss, cost
 saving, with bootstrap intervals), the student and teacher identities and the eval
-data's hash.
+data's hash, and the student's tokenizer fingerprint. A log-prob signal (mean / low
+log-prob, entropy, or a learned router over one) is a number over the student's own
+tokens: an answer that says it was tokenized otherwise (``tokenizer_fingerprint``) is
+refused in one line rather than scored against a threshold it was not calibrated for.
+Answers that carry no fingerprint are trusted (a serving stack may not know it).
 
 Import-light: pydantic, numpy (through ``signals``) and the standard library; no torch,
 ray, vllm or scikit-learn (tested in a subprocess). ``check`` is the drift check: the
@@ -106,6 +110,7 @@ class Router(Strict):
     expected: Expected
     student: Identity
     teacher: Identity
+    student_tokenizer: str | None = Field(None, description="the calibrated student's tokenizer fingerprint")
     data: Data
 
     @model_validator(mode="after")
@@ -116,8 +121,25 @@ class Router(Strict):
             raise ValueError("learned: set exactly when signal is learned")
         return self
 
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the score is over the student's tokens (a log-prob signal)."""
+        used = self.learned.features if self.learned is not None else [self.signal]
+        return bool(sig.TOKEN_SIGNALS & set(used))
+
+    def tokenizer_mismatch(self, answer: Mapping[str, Any]) -> str | None:
+        """Why this router cannot score ``answer`` (tokenized by another tokenizer), or None."""
+        fp = answer.get("tokenizer_fingerprint")
+        if fp is None or self.student_tokenizer is None or fp == self.student_tokenizer or not self.reads_tokens:
+            return None
+        return (f"the answer was tokenized by {str(fp)[:12]}, but this router's {self.signal} threshold was "
+                f"calibrated on log-probs over the student's tokenizer {self.student_tokenizer[:12]}: log-probs "
+                "over other tokens are not comparable; calibrate a router for this student (datagen route report)")
+
     def score(self, answer: Mapping[str, Any]) -> float:
         """The answer's confidence score (higher: keep with the student)."""
+        if (why := self.tokenizer_mismatch(answer)) is not None:
+            raise DatagenError(why)
         values = answer.get("signals") or sig.signals(answer, q=self.low_quantile, tail=self.entropy_tail)
         if self.learned is not None:
             return self.learned.prob(values)
@@ -176,6 +198,10 @@ def check(router: Router, answers: Sequence[Mapping[str, Any]]) -> dict[str, Any
         if who is not None and Identity.model_validate(who) != router.student:
             raise DatagenError(f"traffic: answers from student {Identity.model_validate(who)}, but the router "
                                f"was calibrated for {router.student}")
+    other = [i for i, a in enumerate(answers) if router.tokenizer_mismatch(a)]
+    if other:
+        raise DatagenError(f"traffic: {len(other)} of {len(answers)} answers (first: #{other[0] + 1}): "
+                           + router.tokenizer_mismatch(answers[other[0]]))
     k = sum(router.decide(a) == "teacher" for a in answers)
     low, high = wilson(k, len(answers))
     cal = router.expected.teacher_share

@@ -48,6 +48,9 @@ TAILS = ("bucket", "renormalize")
 # signal -> sign that makes it "higher = more confident"
 ORIENTATION = {"mean_logprob": 1.0, "low_logprob": 1.0, "mean_entropy": -1.0, "format_valid": 1.0, "agreement": 1.0}
 SIGNALS = tuple(ORIENTATION)
+# Signals read from the student's log-probs: over its own tokens, so a threshold holds only
+# for answers tokenized as in calibration (``router.Router.student_tokenizer``).
+TOKEN_SIGNALS = frozenset({"mean_logprob", "low_logprob", "mean_entropy"})
 
 
 def token_logprobs(answer: Mapping[str, Any]) -> np.ndarray | None:

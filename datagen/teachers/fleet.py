@@ -11,7 +11,8 @@ What it owns:
   itself restarts a dead engine and re-runs its batches.
 * **Feeding.** ``free`` picks the least-loaded answering replica with a free slot
   (``slots``: enough batches to keep its backend full); ``send`` hands it a batch and
-  ``collect`` takes the answer back.
+  ``collect`` takes the answer back; ``feed`` is the whole loop for a caller with one
+  teacher and a stream of batches (``rescore``, ``route eval``).
 * **Lost work.** Work Ray gave up on (``replicas.lost_work_errors``) runs again under the
   same row ids: as any batch the first time its node went, else alone on a held replica
   without Ray's retries (``lost``, ``suspect``), a batch that dies alone row by row, and a
@@ -29,7 +30,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +233,37 @@ class TeacherFleet:
             raise TeacherRaised(name, remote_cause(exc)) from None
         self.returned(actor, name)
         return Answer(name, work, results)
+
+    def feed(self, teacher: str, batches: Iterator[list[Any]], on_answer: Callable[[Answer], None],
+             stop: Callable[[], bool] = lambda: False) -> None:
+        """Run every batch of ``batches`` (a lazy iterator, pulled only while a replica of
+        ``teacher`` has a free slot) and hand each answer to ``on_answer``, lost work sent
+        again first (``resend``). Returns when every batch is answered and nothing is
+        owed, or, once ``stop()`` is true, when the batches in flight are back (nothing
+        new or lost is sent then). The loop of a single-teacher caller (``datagen
+        rescore``, ``datagen route eval``); ``datagen run``'s driver interleaves filters
+        and commits, so it feeds the fleet itself."""
+        import ray
+
+        exhausted = False
+        while True:
+            if not stop():
+                self.resend()
+            while not exhausted and not stop() and (actor := self.free(teacher)) is not None:
+                work = next(batches, None)
+                if work is None:
+                    exhausted = True
+                    break
+                self.send(actor, teacher, work)
+            if not self.inflight:
+                # work left, and every replica that could take it is down
+                if (self.owes() or not exhausted) and not stop():
+                    self.liveness.wait(1.0)
+                    continue
+                return
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            if ready and (answer := self.collect(ready[0])) is not None:
+                on_answer(answer)
 
     def free(self, teacher: str, limit: int | None = None) -> Any | None:
         """An answering replica with a free slot, or None. A replica held for suspects
