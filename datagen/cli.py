@@ -1,13 +1,13 @@
 """``datagen`` command line: run, resume, validate, preview, expand, schema, inspect, report, dedupe,
-rescore, export, verify, submit, jobs, licenses, train, eval, route.
+rescore, export, verify, submit, jobs, cancel, licenses, train, eval, route, onpolicy.
 
 Exit codes: 0 done; 1 error (one line, names the problem); 2 usage; 3 the job finished
 but some rows failed at the teacher (``datagen resume`` retries them); 130 interrupted
 (committed rows are valid; ``datagen resume`` finishes the job); ``errors.EXIT_*``.
 
-Long: one argparse table for eighteen verbs, each verb a few lines that call the module
+Long: one argparse table for twenty verbs, each verb a few lines that call the module
 that does its work (``run``, ``storage``, ``report``, ``dedupe``, ``rescore``, ``export``, ``submit``, ``train``,
-``route``).
+``route``, ``onpolicy``).
 """
 
 from __future__ import annotations
@@ -138,6 +138,32 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         base_dir=Path.cwd() if isinstance(root, str) else root)
     job = job.model_copy(update={"output": job.output.model_copy(update={"path": root})})
     return _run(job, job_path, resume=True, quiet=args.quiet)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel an output's open provider batches. A verb of its own, like resume: it acts
+    on an output, not a job file, and it takes the output's lock, so it never races a
+    live run (stop that first; its batches stay open until cancelled or finished)."""
+    from datagen.batch import BatchRoom
+    from datagen.config import parse_job
+    from datagen.storage import open_store
+    from datagen.storage.shards import JOB_FILE
+
+    root = _output_arg(args.output_dir, command="cancel")
+    store = open_store(root, for_writing=True)
+    try:
+        job = parse_job(store.job_meta()["job"], where=f"{root}/{JOB_FILE}", base_dir=root)
+        room = BatchRoom(job.teachers, root)
+        if not room.teachers:
+            raise DatagenError(f"{root}: its job has no teacher with mode: batch, so no batches to cancel")
+        cancelled = room.cancel()
+    finally:
+        store.close()
+    for b in cancelled:
+        print(f"batch {b.key} ({b.teacher}, {b.rows} rows, provider id {b.id}): {b.status}")
+    print(f"{len(cancelled)} open {_plural('batch', len(cancelled))} cancelled; `datagen resume {root}` "
+          "keeps the rows they answered and submits the rest again")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -388,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", "-q", action="store_true")
     r.set_defaults(func=cmd_resume)
 
+    r = sub.add_parser("cancel", help="cancel an output's open provider batches (teachers with mode: batch)")
+    r.add_argument("output_dir")
+    r.set_defaults(func=cmd_cancel)
+
     r = sub.add_parser("validate", help="check a job file and everything it points to")
     r.add_argument("job")
     r.add_argument("--output", "-o")
@@ -506,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from datagen.route.cli import add_parser as add_route  # its own module: route/cli.py
     add_route(sub)
+    from datagen.onpolicy.cli import add_parser as add_onpolicy  # onpolicy/cli.py
+    add_onpolicy(sub)
     return p
 
 

@@ -44,6 +44,34 @@ def stage_lines(view: dict[str, Any]) -> list[str]:
     return lines
 
 
+def batch_line(view: dict[str, Any] | None) -> str | None:
+    """Provider batch jobs (``BatchRoom.view``) as one line: batches by status, rows by state."""
+    if view is None:
+        return None
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(view["by_status"].items()))
+    rows = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in view["rows"].items() if n)
+    line = (f"  batches  {view['submitted']} submitted{': ' + statuses if statuses else ''}"
+            f" · rows: {rows or 'none yet'}")
+    return line + (f" · last poll: {view['problem']}" if view["problem"] else "")
+
+
+def batch_table(root: Any) -> Table | None:
+    """An output's provider batches (``OUT/batches/state.json``), for ``inspect``."""
+    from datagen.batch import BatchState
+
+    state = BatchState.peek(root) if not isinstance(root, str) else None
+    if state is None or not state.batches:
+        return None
+    t = Table(title="provider batches")
+    for col in ("batch", "teacher", "provider id", "status", "rows", "submission", "completed / failed"):
+        t.add_column(col)
+    for b in state.batches.values():
+        c = b.counts
+        t.add_row(b.key, b.teacher, b.id or "-", b.status, str(b.rows), str(b.attempt),
+                  f"{c.get('completed', 0)} / {c.get('failed', 0)}" if c else "-")
+    return t
+
+
 class LiveProgress:
     """A rich progress bar fed by ``run.execute``'s ``on_progress`` callback, with the run's
     per-stage figures under it and the Ray dashboard's address above it (when the run
@@ -73,7 +101,8 @@ class LiveProgress:
             self.progress.console.print(f"Ray dashboard: {d['url']}  (this job: {d['job']} · actors: {d['actors']})",
                                         soft_wrap=True, highlight=False)
         if m is not None and m.view is not None:
-            self.progress.stage_lines = stage_lines(m.view)
+            batches = batch_line(stats.batches.view() if stats.batches is not None else None)
+            self.progress.stage_lines = stage_lines(m.view) + ([batches] if batches else [])
         c = stats.counts
         if stats.teachers_ready is None:
             detail = "starting teachers…"
@@ -114,6 +143,12 @@ def summary_table(stats: RunStats, store: ShardStore) -> Table:
         t.add_row("cost (USD)", f"{stats.cost_usd:.4f}", "")
         accepted = stats.counts["accepted"]
         t.add_row("  per accepted row", f"{stats.cost_usd / accepted:.6f}" if accepted else "-", "")
+    batches = stats.batches.view() if stats.batches is not None else None
+    if batches is not None:
+        t.add_row("provider batches submitted", str(batches["submitted"]), "")
+        if batches["batch_usd"] is not None:
+            t.add_row("  batch rows at the batch price (USD)", f"{batches['batch_usd']:.4f}", "")
+            t.add_row("  the same rows online (USD)", f"{batches['online_usd']:.4f}", "")
     t.add_row("wall time", f"{stats.elapsed:.1f} s", "")
     t.add_row("  teacher start-up", f"{stats.startup_s:.1f} s", "")
     t.add_row("  generating", f"{stats.generating_s:.1f} s", "")
@@ -148,7 +183,7 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
             "schema_version": m.data["schema_version"], "counts": counts,
             "failed_unresolved": unresolved, "reasons": reasons,
             "licenses": licenses,
-            "shards": len(m.shards), "sample": sample,
+            "shards": len(m.shards), "sample": sample, "batches": _batches_json(store),
         }, default=str))
         return
     t = Table(title=f"{store.root}  (job {m.data['job']}, schema {m.data['schema_version']})")
@@ -163,6 +198,9 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
             why += f"  ({unresolved} unresolved)"
         t.add_row(s, str(counts[s]), str(n_shards), why)
     console.print(t)
+    batches = batch_table(store.root)
+    if batches is not None:
+        console.print(batches)
     for key, c in licenses.items():
         console.print(f"license {key}: " + ", ".join(f"{k} ({v})" for k, v in c.items()))
     if prompts is not None:
@@ -182,6 +220,15 @@ def inspect_output(store: ShardStore, console: Console, *, rows: int = 3, stream
         if row["error"]:
             extra += f" · error {row['error']}"
         console.print(extra, style="dim")
+
+
+def _batches_json(store: ShardStore) -> list[dict[str, Any]] | None:
+    import dataclasses
+
+    from datagen.batch import BatchState
+
+    state = BatchState.peek(store.root) if not isinstance(store.root, str) else None
+    return [dataclasses.asdict(b) for b in state.batches.values()] if state is not None else None
 
 
 def _prompts_report(store: ShardStore) -> dict[str, Any] | None:

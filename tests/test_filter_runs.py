@@ -163,17 +163,20 @@ def test_validate_refuses_seeds_without_the_reference_a_filter_needs(tmp_path):
 
 
 def test_shipped_example_jobs_still_validate():
+    from datagen import onpolicy
     from datagen.route import infer
     from datagen.train.config import load_eval, load_train
 
     from .conftest import REPO
 
-    # examples/ also holds a trainer config and eval configs: each file by its own loader
-    other = {"train.yaml": load_train, "eval.yaml": load_eval, "route_eval.yaml": infer.load}
+    # examples/ also holds train, eval, routing and on-policy files: each by its own loader
+    other = [("*onpolicy*.yaml", onpolicy.load), ("*route*.yaml", infer.load), ("*train*.yaml", load_train),
+             ("eval.yaml", load_eval)]
     jobs = 0
     for path in sorted((REPO / "examples").glob("*.yaml")):
-        if path.name in other:
-            other[path.name](path)
+        loader = next((f for pattern, f in other if path.match(pattern)), None)
+        if loader is not None:
+            loader(path)
             continue
         job = load_job(path)
         assert job.filters and all(hasattr(f, "build") for f in job.filters)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from datagen import records
+from datagen.batch import BatchRoom
 from datagen.config import Job
 from datagen.dedupe.view import row_text, write_view
 from datagen.errors import DatagenError, OutputError
@@ -53,7 +54,8 @@ def execute(job: Job, store: ShardStore, stream: PromptStream,
         with StopFlag() as stop:
             if started_ray:
                 check_resources(job.teachers)
-            fleet = TeacherFleet(job.teachers, startup_timeout_s=job.runtime.startup_timeout_s,
+            online = [t for t in job.teachers if not t.in_batches]  # mode: batch runs no actor (datagen/batch/)
+            fleet = TeacherFleet(online, startup_timeout_s=job.runtime.startup_timeout_s,
                                  inflight_per_actor=job.runtime.inflight_per_actor)
             r = job.runtime
             filters = FilterPool(job.filters, stream.template.spec.answer, short_circuit=job.filter_short_circuit,
@@ -122,6 +124,13 @@ class Driver:
         grouped = any(type(f).groups_by_prompt for f in job.filters)
         self.groups = PromptGroups(store) if grouped else None
         done = store.row_ids(("accepted", "rejected"))
+        # Teachers with mode: batch answer through provider batch jobs (datagen/batch/);
+        # rows their submitted batches hold are in flight, not pulled again.
+        self.batches = stats.batches = BatchRoom(job.teachers, store.root)
+        held = self.batches.resume(done | store.row_ids(("failed",))) if self.batches.teachers else set()
+        for _ in held:
+            self.quota.pulled()
+        done |= held
         self.pending = _Peekable(_not_done(stream, done, stats, self.groups.skipped if self.groups else None))
         self.last_prompt: str | None = None
         self.buffers: dict[str, list[Request]] = {name: [] for name in self.teachers}
@@ -140,7 +149,7 @@ class Driver:
         while not self.stop.set:
             self.fleet.resend(again=not self.filters.saturated())  # lost work first: alone, or as any batch
             self.fill()
-            if not self.fleet.inflight and not self.filters.busy():
+            if not self.fleet.inflight and not self.filters.busy() and not self.batches.busy():
                 if self.ready or self.fleet.owes():
                     self.fleet.liveness.wait(1.0)  # only when replicas are down: until one may be back
                     continue  # partial batches the quota just flushed, or lost work: send them
@@ -150,7 +159,15 @@ class Driver:
                 self.stats.stop_reason = self.quota.stop_reason() or ("prompts_exhausted" if self.quota.target
                                                                       else None)
                 return
-            done, _ = ray.wait(list(self.fleet.inflight) + self.filters.refs(), num_returns=1, timeout=1.0)
+            refs = list(self.fleet.inflight) + self.filters.refs()
+            if refs:
+                done, _ = ray.wait(refs, num_returns=1, timeout=self.batches.wait_s(1.0))
+            else:
+                done = []
+                if self.batches.busy():  # only provider batches are out: until the next poll
+                    time.sleep(self.batches.wait_s(1.0))
+            for teacher, work, results in self.batches.answers():
+                self.answered(teacher, work, results)
             for ref in done:
                 if ref in self.fleet.inflight:
                     self.teacher_batch(ref)
@@ -175,7 +192,7 @@ class Driver:
                 del self.ready[i]
                 self.fleet.send(actor, name, batch)
                 continue
-            if self.exhausted or len(self.ready) >= self.fleet.replicas:
+            if self.exhausted or len(self.ready) >= max(1, self.fleet.replicas):
                 return  # backpressure: pull no more prompts until a slot frees
             finishing_group = (self.groups is not None and self.quota.stop_reason() is None
                                and (nxt := self.pending.peek()) is not None and nxt.prompt_id == self.last_prompt)
@@ -196,6 +213,8 @@ class Driver:
             if self.groups is not None:
                 nxt = self.pending.peek()
                 self.groups.pulled(req.prompt_id, last=nxt is None or nxt.prompt_id != req.prompt_id)
+            if self.batches.add(req):
+                continue
             buffer = self.buffers[req.teacher]
             buffer.append(req)
             if len(buffer) >= self.teachers[req.teacher].batch_size:
@@ -203,11 +222,12 @@ class Driver:
                 self.buffers[req.teacher] = []
 
     def flush_buffers(self) -> None:
+        self.batches.flush()
         self.ready.extend((n, b) for n, b in self.buffers.items() if b)
         self.buffers = {n: [] for n in self.teachers}
 
     def teacher_batch(self, ref: Any) -> None:
-        """A teacher batch is back: failed rows are routed now, the rest go to the filters."""
+        """A teacher batch is back from the fleet."""
         try:
             answer = self.fleet.collect(ref)
         except TeacherRaised as exc:
@@ -217,12 +237,17 @@ class Driver:
             self.stats.lost["teacher batch"] = self.fleet.redone
         if answer is None:
             return  # lost with its replica: the fleet sends it again, same row ids
-        name = answer.teacher
-        self.meter.generated_rows(name, len(answer.results))
+        self.answered(answer.teacher, answer.work, answer.results)
+
+    def answered(self, name: str, work: list[Request], results: list[dict[str, Any]]) -> None:
+        """A teacher's answers (a fleet batch, or rows of a provider batch): failed rows
+        are routed now, the rest go to the filters."""
+        self.meter.generated_rows(name, len(results))
+        info = self.fleet.info[name] if name in self.fleet.info else self.batches.info[name]
         good: list[dict[str, Any]] = []
-        for req, gen in zip(answer.work, answer.results):
-            row = make_row(req, gen, self.fleet.info[name], self.sampling[name], self.row_licenses[name],
-                           price=self.teachers[name].price)
+        for req, gen in zip(work, results):
+            row = make_row(req, gen, info, self.sampling[name], self.row_licenses[name],
+                           price=self.teachers[name].billed_price)
             if gen["error"]:
                 self.consecutive_failures += 1
                 self.route("failed", row, 0)

@@ -85,7 +85,8 @@ class RunMetrics:
         self.dashboard = dashboard
         self.job = job
         self.bounds = bounds(job)
-        self.replicas = {t.name: t.replicas for t in job.teachers}
+        # a teacher answered through provider batch jobs has no replicas (its figures: line["batches"])
+        self.replicas = {t.name: 0 if t.in_batches else t.replicas for t in job.teachers}
         self.filter_actors = job.runtime.filter_actors
         self.started = time.monotonic()
         self.pulled = 0
@@ -214,6 +215,8 @@ class RunMetrics:
         }
         if final:
             line |= {"interrupted": stats.interrupted, "stop_reason": stats.stop_reason}
+        if stats.batches is not None and (batches := stats.batches.view()) is not None:
+            line["batches"] = batches  # provider batch jobs (datagen/batch/)
         if self.dashboard:
             line["dashboard"] = self.dashboard
         self._logged = (now, counters)

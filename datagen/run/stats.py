@@ -27,6 +27,7 @@ class RunStats:
     # not counted): "teacher batch", "filter batch", "dedupe index rebuild" -> times
     lost: Counter = field(default_factory=Counter)
     metrics: Any = None  # datagen.run.metrics.RunMetrics: per-stage figures, queue depths
+    batches: Any = None  # datagen.batch.BatchRoom: provider batch jobs (view() is None when none)
 
     @property
     def generated(self) -> int:

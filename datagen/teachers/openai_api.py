@@ -157,20 +157,46 @@ def _describe(exc: BaseException, secret: str | None) -> str:
     return text[:200]
 
 
+def api_key(cfg: OpenAITeacher) -> str | None:
+    """The key from the environment variable the job names (None: the server needs none)."""
+    if not cfg.api_key_env:
+        return None
+    # A key pasted or read from a secret file often ends in a newline, which no
+    # HTTP header may hold: every request would fail as a "connection error".
+    key = (os.environ.get(cfg.api_key_env) or "").strip()
+    if not key:
+        raise ConfigError(
+            f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set "
+            "(it should hold the API key)"
+        )
+    return key
+
+
+def chat_body(cfg: OpenAITeacher, request: dict[str, Any]) -> dict[str, Any]:
+    """The chat-completions body for one request: what an online call POSTs and what a
+    batch input line carries (``datagen/batch/lines.py``)."""
+    s = cfg.sampling
+    body: dict[str, Any] = {
+        "model": cfg.model, "messages": request["messages"],
+        "temperature": request.get("temperature", s.temperature), "top_p": s.top_p, "max_tokens": s.max_tokens,
+        "seed": request["seed"],
+    }
+    if s.stop:
+        body["stop"] = s.stop
+    if s.logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = s.logprobs
+        if cfg.request_token_ids:
+            # vLLM servers can name tokens by id ("token_id:123"); OpenAI's API would
+            # reject the unknown field, hence opt-in.
+            body["return_tokens_as_token_ids"] = True
+    return body
+
+
 class OpenAICompatibleTeacher:
     def __init__(self, cfg: OpenAITeacher):
         self.cfg = cfg
-        key = None
-        if cfg.api_key_env:
-            # A key pasted or read from a secret file often ends in a newline, which no
-            # HTTP header may hold: every request would fail as a "connection error".
-            key = (os.environ.get(cfg.api_key_env) or "").strip()
-            if not key:
-                raise ConfigError(
-                    f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set "
-                    "(it should hold the API key)"
-                )
-        self._key = key  # only ever handed to the client; never logged, stored or repr'd
+        self._key = api_key(cfg)  # only ever handed to the client; never logged, stored or repr'd
         self._tokens = TokenMap.load(cfg.tokenizer, teacher=cfg.name) if cfg.tokenizer else None
         # The whole URL, as the client would join it: a relative one is parsed and joined
         # to base_url again on every request (~5% of the client's CPU per request).
@@ -312,21 +338,7 @@ class OpenAICompatibleTeacher:
         return gen
 
     async def _call(self, request: dict[str, Any]) -> Generation:
-        s = self.cfg.sampling
-        body: dict[str, Any] = {
-            "model": self.cfg.model, "messages": request["messages"],
-            "temperature": request.get("temperature", s.temperature), "top_p": s.top_p, "max_tokens": s.max_tokens,
-            "seed": request["seed"],
-        }
-        if s.stop:
-            body["stop"] = s.stop
-        if s.logprobs is not None:
-            body["logprobs"] = True
-            body["top_logprobs"] = s.logprobs
-            if self.cfg.request_token_ids:
-                # vLLM servers can name tokens by id ("token_id:123"); OpenAI's API would
-                # reject the unknown field, hence opt-in.
-                body["return_tokens_as_token_ids"] = True
+        body = chat_body(self.cfg, request)
         # The client's generic ``post``, not the typed ``chat.completions.create``: same
         # auth, time-outs and status -> exception mapping, but the typed path walks every
         # message through a TypedDict transform and builds pydantic models of the answer,
@@ -345,6 +357,15 @@ class OpenAICompatibleTeacher:
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser
             raise MalformedResponse(f"body is not JSON ({type(exc).__name__}: {exc})"[:200]) from None
         return self._parse(request["row_id"], data)
+
+    def answer(self, row_id: str, data: Any) -> Generation:
+        """A chat-completion body that arrived another way (a batch output line) as a
+        generation: the same parsing as an online answer; one that is not a usable
+        completion is a generation with its error."""
+        try:
+            return self._parse(row_id, data)
+        except MalformedResponse as exc:
+            return Generation(row_id=row_id, error=f"teacher.malformed_response: {exc}")
 
     def _parse(self, row_id: str, data: Any) -> Generation:
         choices = data.get("choices") if isinstance(data, dict) else None

@@ -74,10 +74,22 @@ class VLLMEngine(Strict):
 
 
 class Price(Strict):
-    """What a teacher's tokens cost, in USD per million, as providers list them."""
+    """What a teacher's tokens cost, in USD per million, as providers list them: online,
+    and through the provider's batch endpoint (``mode: batch``)."""
 
     input_per_mtok: float = Field(ge=0.0, le=1e6)
     output_per_mtok: float = Field(ge=0.0, le=1e6)
+    batch_input_per_mtok: float | None = Field(
+        None, ge=0.0, le=1e6, description="the batch endpoint's input price; null: half of input_per_mtok, "
+        "the discount OpenAI, Anthropic and Google list for batch jobs")
+    batch_output_per_mtok: float | None = Field(
+        None, ge=0.0, le=1e6, description="the batch endpoint's output price; null: half of output_per_mtok")
+
+    def batch(self) -> Price:
+        """The price of the same tokens through the batch endpoint, as a plain price."""
+        half_in, half_out = self.input_per_mtok / 2, self.output_per_mtok / 2
+        return Price(input_per_mtok=half_in if self.batch_input_per_mtok is None else self.batch_input_per_mtok,
+                     output_per_mtok=half_out if self.batch_output_per_mtok is None else self.batch_output_per_mtok)
 
     def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
         """None when the server reported no usage: an unknown cost is not a zero cost."""
@@ -99,6 +111,16 @@ class TeacherSpec(Strict):
     price: Price | None = Field(
         None, description="USD per 1M input/output tokens: fills each row's usage.cost_usd and the run's cost"
     )
+
+    @property
+    def billed_price(self) -> Price | None:
+        """What each of this teacher's rows is charged at (``usage.cost_usd``)."""
+        return self.price
+
+    @property
+    def in_batches(self) -> bool:
+        """Answered through a provider's batch jobs (``datagen/batch/``), not by fleet actors."""
+        return False
 
     # Fleet decisions a backend makes (``fleet.py`` asks; it never checks ``backend``).
     rescores: ClassVar[bool] = False  # can score given responses teacher-forced (``datagen rescore``)
@@ -129,6 +151,12 @@ class TeacherSpec(Strict):
     def legacy_identity(teacher: dict[str, Any]) -> None:
         """Drop, in place, the fields newer than the fingerprint of outputs written before a
         resume could change teacher settings (``run/identity.py``), so those still resume."""
+
+
+def _legacy_price(teacher: dict[str, Any]) -> None:
+    """Batch prices are newer than every legacy output."""
+    for key in ("batch_input_per_mtok", "batch_output_per_mtok"):
+        (teacher.get("price") or {}).pop(key, None)
 
 
 def even_share(total: int, parts: int, index: int) -> int:
@@ -176,6 +204,7 @@ class VLLMTeacher(TeacherSpec):
     @staticmethod
     def legacy_identity(teacher: dict[str, Any]) -> None:
         teacher["engine"].pop("stall_timeout_s")  # newer than every legacy output
+        _legacy_price(teacher)
 
     @model_validator(mode="after")
     def _gpus_match_parallelism(self) -> VLLMTeacher:
@@ -188,8 +217,25 @@ class VLLMTeacher(TeacherSpec):
         return self
 
 
+class BatchOptions(Strict):
+    """How ``mode: batch`` groups and watches a teacher's provider batch jobs
+    (``datagen/batch/``). Limits default to OpenAI's: 50,000 requests and 200 MB per input file."""
+
+    max_rows: int = Field(50_000, ge=1, le=50_000, description="requests per batch input file")
+    max_bytes: int = Field(200_000_000, ge=1024, le=200_000_000, description="bytes per batch input file")
+    poll_s: float = Field(60.0, gt=0.0, le=3600.0, description="seconds between status checks of open batches")
+    max_submissions: int = Field(
+        3, ge=1, le=10, description="times a row is submitted (first included) when its batch expires, is "
+        "cancelled or loses the line; then the row is failed with the reason")
+    completion_window: Literal["24h"] = "24h"
+
+
 class OpenAITeacher(TeacherSpec):
     backend: Literal["openai"]
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: one HTTP request per row, answered in seconds; batch: the provider's "
+        "batch endpoint (files + /batches), answered within its completion window at the batch price")
+    batch: BatchOptions = Field(default_factory=BatchOptions)
     base_url: str = Field(description="http(s)://host[:port][/path]; no credentials or query string in it")
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the key (never the key)"
@@ -235,9 +281,19 @@ class OpenAITeacher(TeacherSpec):
     def serves(self, reported: int | None) -> int:
         return self.for_replica(0).max_concurrency  # the largest share
 
+    @property
+    def in_batches(self) -> bool:
+        return self.mode == "batch"
+
+    @property
+    def billed_price(self) -> Price | None:
+        return self.price.batch() if self.price is not None and self.in_batches else self.price
+
     @staticmethod
     def legacy_identity(teacher: dict[str, Any]) -> None:
-        teacher.pop("num_cpus")
+        for newer in ("num_cpus", "mode", "batch"):
+            teacher.pop(newer)
+        _legacy_price(teacher)
 
     @field_validator("max_concurrency", "tokens_per_minute")
     @classmethod
@@ -305,11 +361,12 @@ BACKENDS = tuple(SPECS)
 # a lower rate after a provider's 429s, more replicas on a bigger cluster. Every other
 # teacher field decides a row's text, tokens, log-probs or cost. Parallelism and batch shape
 # change an engine's float rounding, as its batch composition already does from step to
-# step; they do not change the model.
+# step; they do not change the model. ``mode`` (online or batch) changes what a row costs,
+# which each row records, not what it is: a run submitted in batches may be finished online.
 OPERATIONAL_TEACHER = frozenset({
     "replicas", "batch_size", "num_cpus", "num_gpus", "api_key_env", "max_concurrency", "min_concurrency",
     "adaptive_concurrency", "latency_backoff", "requests_per_minute", "tokens_per_minute", "timeout_s",
-    "max_attempts"})
+    "max_attempts", "mode", "batch"})
 OPERATIONAL_ENGINE = frozenset({
     "gpu_memory_utilization", "max_num_seqs", "batching", "enforce_eager", "cpu_kvcache_gb",
     "tensor_parallel_size", "pipeline_parallel_size", "stall_timeout_s"})
@@ -319,6 +376,8 @@ OPERATIONAL_ENGINE = frozenset({
 def teacher_identity(teacher: dict[str, Any]) -> dict[str, Any]:
     """A teacher's JSON form without its ``OPERATIONAL_*`` fields: what its rows depend on."""
     out = {k: v for k, v in teacher.items() if k not in OPERATIONAL_TEACHER}
+    if isinstance(out.get("price"), dict):  # batch prices at their defaults stay out: old outputs resume
+        out["price"] = {k: v for k, v in out["price"].items() if not (k.startswith("batch_") and v is None)}
     if isinstance(out.get("engine"), dict):
         out["engine"] = {k: v for k, v in out["engine"].items() if k not in OPERATIONAL_ENGINE}
     return out

@@ -33,6 +33,9 @@ whose last message contains ``text`` (deterministic whatever the concurrency);
 ``arrivals`` records ``(monotonic time, kind)`` of every chat request, for tests that
 check pacing; ``last_headers`` holds the headers of the latest one (lower-case names).
 
+The Batch API (``/v1/files``, ``/v1/batches``) is ``fake_batches.py``'s, on the same
+server: ``server.batches``, with its own faults.
+
 Run standalone: ``python -m datagen.testing.fake_openai --port 8001 --fault 500:3 --latency 0.1``
 (``--answer package.module:function`` picks the answer function; default: echo).
 """
@@ -50,8 +53,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from datagen.testing.fake_batches import FakeBatches
+from datagen.testing.faults import Fault, take
 
 FAULT_KINDS = ("latency", "400", "408", "409", "429", "500", "503", "hang", "reset", "malformed", "truncated",
                "garbage", "undecodable", "kill_client")
@@ -59,15 +64,6 @@ VOCAB = 49152
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-@dataclass
-class Fault:
-    kind: str
-    times: int | None = 1
-    match: str | None = None
-    seconds: float = 0.0
-    retry_after: float = 0.1
 
 
 def echo_answer(messages: list[dict[str, str]]) -> str:
@@ -262,6 +258,7 @@ class FakeOpenAIServer:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
         self._positions: dict[tuple[str, int, bool], dict[str, Any]] = {}  # see _position
+        self.batches = FakeBatches(self)
 
     # -- control ---------------------------------------------------------------------
     @property
@@ -282,15 +279,7 @@ class FakeOpenAIServer:
 
     def _take_fault(self, messages: list[dict[str, Any]]) -> Fault | None:
         last = str(messages[-1].get("content", "")) if messages else ""
-        for f in self._faults:
-            if f.match is not None and f.match not in last:
-                continue
-            if f.times is not None:
-                f.times -= 1
-                if f.times <= 0:
-                    self._faults.remove(f)
-            return f
-        return None
+        return take(self._faults, lambda f: f.match is None or f.match in last)
 
     def start(self) -> FakeOpenAIServer:
         ready = threading.Event()
@@ -343,6 +332,9 @@ class FakeOpenAIServer:
         path = path.split("?")[0].rstrip("/")
         if method == "GET" and path.endswith("/models"):
             h._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return
+        if "/files" in path or "/batches" in path:
+            self.batches.handle(h, method, path, data)
             return
         if method != "POST" or not path.endswith("/chat/completions"):
             h._json(404, {"error": {"message": "not found"}})

@@ -77,11 +77,16 @@ class Loss(Strict):
     kd_weight: float = Field(0.5, ge=0.0, le=1.0, description="0 = pure SFT on teacher text")
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     kd_tail: Literal["renormalize", "bucket"] = "renormalize"
+    divergence: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: KL(teacher || student) on the teacher's text; reverse: "
+        "KL(student || teacher) on the student's own samples (on-policy rounds, losses.reverse_kl_loss)")
 
     @model_validator(mode="after")
     def _bucket_needs_t1(self) -> Loss:
         if self.kd_tail == "bucket" and self.temperature != 1.0:
             raise ValueError("loss.kd_tail: bucket needs temperature 1.0 (the tempered tail mass is unknown)")
+        if self.divergence == "reverse" and self.temperature != 1.0:
+            raise ValueError("loss.divergence: reverse needs temperature 1.0 (the tempered tail mass is unknown)")
         return self
 
 

@@ -1,4 +1,5 @@
-"""The two training signals: cross-entropy on the teacher's text, and KD on its top-k.
+"""The training signals: cross-entropy on the teacher's text, KD on its top-k, and the
+reverse KL for on-policy distillation.
 
 Both take logits of the positions that carry a target only (``[N, V]``) and work in
 float32 whatever the model's dtype, so bf16 on CUDA does not round the log-probs.
@@ -24,6 +25,12 @@ full teacher distribution is not available; ``kd_tail`` says what stands in for 
     the coarsened distributions, a lower bound on the full KL (data-processing), and it
     does not push the student's tail to zero. Under a temperature the teacher's tail mass
     depends on logits we do not have, hence temperature 1 only.
+
+The reverse KL, KL(student || teacher), is the mode-seeking direction used on the
+student's *own* samples (on-policy distillation, ``datagen onpolicy``; GKD with beta = 1,
+Agarwal et al. 2024; Thinking Machines, "On-Policy Distillation", 2025): at every position
+of a sequence the student sampled, the student is pushed to put its mass where the
+teacher does, and away from tokens the teacher would not say. See ``reverse_kl_loss``.
 
 Scaling by ``temperature**2`` (Hinton et al.) is applied by the caller when mixing, so
 the gradient scale of the KD term does not shrink as the temperature grows.
@@ -68,6 +75,46 @@ def kd_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Ten
         log_p_tail = torch.log(p_tail.clamp_min(1e-30))
         return head + torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
     raise ValueError(f"unknown kd tail mode {tail!r}")
+
+
+TEACHER_TAIL_FLOOR = 1e-5
+"""Smallest teacher tail mass ``reverse_kl_loss`` assumes: the stored top-k of a peaked
+teacher can sum to 1 within quantisation, and ``log 0`` would make any student tail mass
+an infinite loss. With the floor, all of the student's tail costs at most
+``log(1 / 1e-5) ~ 11.5`` nats per position."""
+
+
+def reverse_kl_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                    top_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(student || teacher) ``[N]`` over k + 1 outcomes.
+
+    Arguments as ``kd_loss``; the positions are those of the student's own sampled tokens,
+    with the teacher's top-k from teacher-forced re-scoring (``datagen.rescore``).
+
+    The estimator is analytic at each position, not the single-sample one: the exact KL
+    between the two distributions coarsened to {teacher's top-k ids, any other token},
+    ``sum_i q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail)``, where ``q`` is the
+    student's full-vocabulary softmax gathered at the k ids and ``q_tail = 1 - sum q_i``,
+    and ``p_tail = max(1 - sum p_i, TEACHER_TAIL_FLOOR)``. By the data-processing inequality
+    it is a lower bound on the full reverse KL, equal to it when the top-k covers the
+    vocabulary; its gradient has no sampling variance (the single-sample estimator
+    ``log q(y) - log p(y)`` needs the teacher's log-prob of the sampled token, which is
+    outside the stored top-k exactly when it matters most). Temperature 1 only: the
+    teacher's tail is known only for the raw distribution.
+
+    Not covered: the sequence-level term (how a token changes later positions' states);
+    like GKD and the per-token on-policy recipes, each position is a separate target.
+    """
+    s = torch.log_softmax(logits.float(), dim=-1).gather(-1, top_ids)  # [N, K] log q_i
+    neg_inf = torch.finfo(torch.float32).min
+    s = s.masked_fill(~top_mask, neg_inf)
+    q = s.exp() * top_mask
+    log_p = top_logprobs.float().masked_fill(~top_mask, 0.0)
+    head = (q * (s - log_p)).masked_fill(~top_mask, 0.0).sum(-1)
+    s_head = torch.logsumexp(s, dim=-1).clamp_max(-1e-7)
+    log_q_tail = torch.log(-torch.expm1(s_head))  # log(1 - sum q_i), stable near 0
+    p_tail = (1.0 - (top_logprobs.float().exp() * top_mask).sum(-1)).clamp_min(TEACHER_TAIL_FLOOR)
+    return head + log_q_tail.exp() * (log_q_tail - torch.log(p_tail))
 
 
 def mix(ce: torch.Tensor, kd: torch.Tensor | None, *, kd_weight: float, temperature: float) -> torch.Tensor:

@@ -99,7 +99,8 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def forward_losses(model: Any, batch: dict[str, Any], *, device: str, temperature: float = 1.0,
-                   tail: str = "renormalize", use_kd: bool = True) -> tuple[Any, Any, int]:
+                   tail: str = "renormalize", use_kd: bool = True,
+                   divergence: str = "forward") -> tuple[Any, Any, int]:
     """(per-target CE ``[N]``, per-KD-position KL ``[M]`` or None, tokens) for one batch.
     Shared by the trainer and ``datagen eval``."""
     import torch
@@ -118,9 +119,10 @@ def forward_losses(model: Any, batch: dict[str, Any], *, device: str, temperatur
         mask = batch["top_mask"].to(device)[:, keep][sel]  # [N, K]
         has = mask.any(-1)
         if has.any():
-            kd = losses.kd_loss(logits[has], batch["top_ids"].to(device)[:, keep][sel][has],
-                                batch["top_logprobs"].to(device)[:, keep][sel][has], mask[has],
-                                temperature=temperature, tail=tail)
+            top = (batch["top_ids"].to(device)[:, keep][sel][has], batch["top_logprobs"].to(device)[:, keep][sel][has],
+                   mask[has])
+            kd = (losses.reverse_kl_loss(logits[has], *top) if divergence == "reverse"
+                  else losses.kd_loss(logits[has], *top, temperature=temperature, tail=tail))
     return ce, kd, int(batch["tokens"])
 
 
@@ -241,7 +243,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with parallel.grad_sync(self.model, place, sync=i == len(micro) - 1):
                 ce, kd, _ = forward_losses(self.model, batch, device=self.device, temperature=cfg.loss.temperature,
-                                           tail=cfg.loss.kd_tail, use_kd=self.use_kd)
+                                           tail=cfg.loss.kd_tail, use_kd=self.use_kd,
+                                           divergence=cfg.loss.divergence)
                 kd_sum = kd.sum() if kd is not None else ce.new_zeros(())
                 loss = losses.mix(ce.sum() / max(n_ce, 1), kd_sum / n_kd if has_kd else None,
                                   kd_weight=cfg.loss.kd_weight, temperature=cfg.loss.temperature)
