@@ -14,9 +14,11 @@ contenders run in turn, ``--rounds`` times, and the medians are compared: on a s
 machine a single pass measures the neighbours' load as much as the trainer.
 
 On a 2-core machine two workers share the cores one process already uses (torch runs
-one thread per core; Ray gives each worker one), and add a gradient all-reduce per step:
-expect a ratio near or below 1. Data parallelism pays where each worker has its own
-cores or GPU.
+one thread per core; Ray gives each 1-CPU worker one thread) and add a gradient
+all-reduce per step: on an idle machine expect a ratio near or below 1. On a busy one,
+one process's two cooperating threads stall whenever either is descheduled, while two
+single-thread workers do not: the "1 process, 1 thread" row measures that effect apart.
+Data parallelism pays where each worker has its own cores or GPU.
 
 TRL comes from the dev extra (``pip install -e .[dev]``); without it that row is skipped.
 """
@@ -118,6 +120,16 @@ def main() -> None:
     def one_process(rnd: int) -> float:
         return train(cfg_for("sft-1", rnd, loss=sft)).tokens_per_s
 
+    def one_process_one_thread(rnd: int) -> float:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what each Ray worker gets (Ray sets OMP_NUM_THREADS=1 for a 1-CPU worker)
+        try:
+            return train(cfg_for("sft-1t", rnd, loss=sft)).tokens_per_s
+        finally:
+            torch.set_num_threads(threads)
+
     def two_workers(rnd: int) -> float:
         start = time.perf_counter()
         res = ray_train.run(cfg_for("sft-2", rnd, loss=sft, batch_size=args.batch_size // 2,
@@ -137,9 +149,10 @@ def main() -> None:
         return out["tokens"] / out["runtime_s"]
 
     contenders = {"datagen SFT 1 process": one_process, "datagen SFT 2 workers (Ray Train, DDP, gloo)": two_workers,
-                  "datagen KD+CE 1 process": kd_one_process}
+                  "datagen SFT 1 process, 1 thread": one_process_one_thread, "datagen KD+CE 1 process": kd_one_process}
     if have_trl:
         contenders["TRL SFTTrainer"] = trl
+    train(cfg_for("warm-up", 0, steps=2))  # one-time costs (imports, first kernels) out of round 1
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     seen: dict[str, list[float]] = {k: [] for k in contenders}
     try:
@@ -151,7 +164,8 @@ def main() -> None:
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in seen.items()}
     one, two = med["datagen SFT 1 process"], med["datagen SFT 2 workers (Ray Train, DDP, gloo)"]
-    ratios = {"2 workers / 1 process": two / one}
+    ratios = {"2 workers / 1 process": two / one,
+              "1 process 1 thread / 1 process": med["datagen SFT 1 process, 1 thread"] / one}
     if have_trl:
         ratios["datagen 1 process / TRL"] = one / med["TRL SFTTrainer"]
         ratios["datagen 2 workers / TRL"] = two / med["TRL SFTTrainer"]
