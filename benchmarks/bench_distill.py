@@ -124,7 +124,7 @@ def onpolicy_run(start: str, out: Path, args: Any) -> list[dict[str, Any]]:
     cfg = opc.OnPolicyConfig(
         name="bench", seed=args.seed, job=REPO / "examples" / "support_tickets.yaml", student=start,
         holdout_fraction=args.holdout_fraction, rounds=args.rounds,
-        sample=opc.Sample(prompts=args.round_prompts, max_tokens=args.max_tokens, max_model_len=2048,
+        sample=opc.Sample(prompts=args.round_prompts, max_tokens=args.max_tokens,
                           engine={"enforce_eager": True, "max_model_len": 2048, "cpu_kvcache_gb": 1}),
         train=opc.RoundTrain(steps=args.round_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                              optim={"lr": args.onpolicy_lr, "warmup_steps": 0}, device="cpu"),

@@ -25,8 +25,8 @@ class Sample(Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     max_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1, description="prompts per request to the student's engine")
-    max_model_len: int | None = Field(None, ge=16, description="the student engine's context")
-    engine: VLLMEngine | None = Field(None, description="the student's vLLM engine options; default: the teacher's")
+    engine: VLLMEngine | None = Field(None, description="the student's vLLM engine options (max_model_len: its "
+                                      "context); default: the teacher's")
 
 
 class RoundTrain(Strict):

@@ -131,8 +131,6 @@ def sample_job(job: Any, teacher: Any, student: str, cfg: OnPolicyConfig, r: int
     from datagen.teachers.spec import Sampling, VLLMTeacher
 
     engine = cfg.sample.engine or teacher.engine
-    if cfg.sample.max_model_len is not None:
-        engine = engine.model_copy(update={"max_model_len": cfg.sample.max_model_len})
     spec = VLLMTeacher(name="student", backend="vllm", model=student, license=resolve_job(job)[teacher.name],
                        sampling=Sampling(temperature=cfg.sample.temperature, max_tokens=cfg.sample.max_tokens,
                                          n=1, logprobs=1),
@@ -152,8 +150,8 @@ def sample(job: Any, teacher: Any, student: str, cfg: OnPolicyConfig, r: int, de
     from datagen.run import continue_run, execute, job_meta, prepare
     from datagen.storage import create_store, open_store
 
-    check_servable(student, cfg.sample.max_model_len)
     rjob = sample_job(job, teacher, student, cfg, r, dest)
+    check_servable(student, rjob.teachers[0].engine.max_model_len)  # the engine the student gets
     stream, fingerprint = prepare(rjob)
     if (dest / "manifest.json").exists():
         store = open_store(dest, rjob.output, for_writing=True)
