@@ -104,18 +104,41 @@ def score(texts: dict[str, str], rows: list[dict[str, Any]], teacher: dict[str, 
             "slices": {k: mean(v) for k, v in sorted(slices.items())}}
 
 
-def train_run(label: str, init: str, data: Path, out: Path, *, steps: int, kd_weight: float, args: Any) -> Any:
+def train_run(label: str, init: str, data: Path, out: Path, *, steps: int, kd_weight: float, args: Any,
+              every: int | None = None) -> Any:
+    """One student, ``steps`` optimizer steps; a checkpoint every ``every`` steps (all kept)."""
     from datagen.train.config import Data, Loss, Optim, Student, TrainConfig
     from datagen.train.trainer import train
 
+    every = every or steps
     cfg = TrainConfig(name=label, seed=args.seed, data=Data(path=data, holdout_fraction=args.holdout_fraction),
                       student=Student(init="pretrained", path=init),
                       loss=Loss(kd_weight=kd_weight), optim=Optim(lr=args.lr, warmup_steps=10),
                       steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      checkpoint_every=max(steps, 1), device="cpu", output=out / label)
+                      checkpoint_every=max(every, 1), keep_checkpoints=max(steps // max(every, 1), 1) + 1,
+                      device="cpu", output=out / label)
     if (out / label).exists():
         shutil.rmtree(out / label)
     return train(cfg)
+
+
+def export_checkpoints(run: Path, init: str) -> dict[int, str]:
+    """Each training checkpoint of ``run`` as a servable model folder (``run/at/step-N``), for
+    the learning curve; the optimizer states are dropped once exported (disk)."""
+    import torch
+
+    from datagen.train import student
+    from datagen.train.config import Student
+
+    out: dict[int, str] = {}
+    for ck in sorted((run / "checkpoints").glob("step-*")):
+        step = int(ck.name.split("-")[1])
+        model, tok = student.build(Student(init="pretrained", path=init), seed=0)
+        model.load_state_dict(torch.load(ck / "state.pt", map_location="cpu", weights_only=False)["model"])
+        student.save_final(model, tok, run / "at" / ck.name)
+        out[step] = str(run / "at" / ck.name)
+        (ck / "state.pt").unlink()
+    return out
 
 
 def onpolicy_run(start: str, out: Path, args: Any) -> list[dict[str, Any]]:
@@ -152,6 +175,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kl-rows", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--curve-every", type=int, default=None,
+                    help="score the sft and kd students every N steps too (the learning curve; default: the end)")
     args = ap.parse_args()
 
     import ray
@@ -176,20 +201,32 @@ def main() -> None:
     models: dict[str, dict[str, Any]] = {"untrained": {"path": str(init_dir), "seconds": time.perf_counter() - t0}}
     print(f"pruned student: keep every {args.keep_every} layers, {params / 1e6:.1f}M params", flush=True)
 
+    base_steps = args.steps - args.rounds * args.round_steps
+    every = args.curve_every or args.steps
+    if base_steps % every:
+        raise SystemExit(f"--steps - --rounds * --round-steps ({base_steps}) must be a multiple of --curve-every "
+                         f"({every}): the on-policy rounds start from that KD checkpoint")
+    curve: dict[str, dict[int, str]] = {}
+    per_step: dict[str, float] = {}
     for label, kd_weight in (("sft", 0.0), ("kd", 1.0)):
         t0 = time.perf_counter()
-        res = train_run(label, str(init_dir), args.data, args.out, steps=args.steps, kd_weight=kd_weight, args=args)
+        res = train_run(label, str(init_dir), args.data, args.out, steps=args.steps, kd_weight=kd_weight, args=args,
+                        every=every)
         models[label] = {"path": str(res.final_dir), "seconds": time.perf_counter() - t0, "steps": res.steps,
                          "tokens": sum(s.tokens for s in res.log)}
+        per_step[label] = models[label]["seconds"] / max(res.steps, 1)
+        curve[label] = export_checkpoints(args.out / label, str(init_dir))
         print(f"{label}: {res.steps} steps in {models[label]['seconds']:.0f} s", flush=True)
 
-    base_steps = args.steps - args.rounds * args.round_steps
+    # kd+onpolicy = the kd run up to base_steps (its checkpoint), then the rounds: the same
+    # trajectory, so the rounds' effect is the only difference at equal steps.
     t0 = time.perf_counter()
-    res = train_run("kd_base", str(init_dir), args.data, args.out, steps=base_steps, kd_weight=1.0, args=args)
-    rounds = onpolicy_run(str(res.final_dir), args.out, args)
-    models["kd+onpolicy"] = {"path": rounds[-1]["next_student"], "seconds": time.perf_counter() - t0,
+    rounds = onpolicy_run(curve["kd"][base_steps], args.out, args)
+    base_s = per_step["kd"] * base_steps
+    models["kd+onpolicy"] = {"path": rounds[-1]["next_student"], "seconds": base_s + time.perf_counter() - t0,
                              "steps": base_steps + sum(r["train_steps"] for r in rounds),
-                             "tokens": sum(s.tokens for s in res.log) + sum(r["train_tokens"] for r in rounds),
+                             "tokens": int(models["kd"]["tokens"] * base_steps / max(args.steps, 1))
+                             + sum(r["train_tokens"] for r in rounds),
                              "rounds": rounds}
     print(f"kd+onpolicy: {base_steps} KD steps + {args.rounds} x {args.round_steps} on-policy steps in "
           f"{models['kd+onpolicy']['seconds']:.0f} s", flush=True)
@@ -199,6 +236,12 @@ def main() -> None:
     texts: dict[str, dict[str, str]] = {}
     for label in ("teacher", "untrained", "sft", "kd", "kd+onpolicy"):
         texts[label], models[label]["answer_s"] = answers(models[label]["path"], rows, args.max_tokens)
+    points: dict[str, dict[int, dict[str, Any]]] = {}  # the learning curve: field_acc by step
+    for label, at in curve.items():
+        points[label] = {0: {"field_acc": None}}
+        for step, path in sorted(at.items()):
+            got = texts[label] if step == args.steps else answers(path, rows, args.max_tokens)[0]
+            points[label][step] = {k: v for k, v in score(got, rows, texts["teacher"]).items() if k != "slices"}
     ray.shutdown()
     for label, m in models.items():
         m.update(score(texts[label], rows, texts["teacher"]))
@@ -207,6 +250,10 @@ def main() -> None:
     lo, hi = models["untrained"]["field_acc"], models["teacher"]["field_acc"]
     for m in models.values():
         m["gap_closure"] = (m["field_acc"] - lo) / (hi - lo) if hi != lo else None
+    for label in points:
+        points[label][0] = {k: models["untrained"][k] for k in ("field_acc", "exact", "agree")}
+        for p in points[label].values():
+            p["gap_closure"] = (p["field_acc"] - lo) / (hi - lo) if hi != lo else None
 
     from rich.console import Console
     from rich.table import Table
@@ -232,14 +279,21 @@ def main() -> None:
     for e in rounds:
         r.add_row(str(e["round"]), str(e["rows"].get("accepted", 0)), f(e["teacher_kl_before"], 4),
                   f(e["teacher_kl_after"], 4), *(f"{e['seconds'][k]:.0f}" for k in ("sample", "score", "train")))
+    lc = Table(title=f"learning curve: held-out field_acc (gap closure) by optimizer step; teacher {f(hi)}")
+    lc.add_column("step", justify="right")
+    for label in points:
+        lc.add_column(label, justify="right")
+    for step in sorted({k for p in points.values() for k in p}):
+        lc.add_row(str(step), *(f"{f(points[lb][step]['field_acc'])} ({f(points[lb][step]['gap_closure'], 2)})"
+                                if step in points[lb] else "-" for lb in points))
     c = Console(width=140)
-    for table in (t, s, r):
+    for table in (t, lc, s, r):
         c.print(table)
     wall = time.perf_counter() - t_all
     c.print(f"wall time {wall:.0f} s")
     (args.out / "result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                       "heldout": len(rows), "params": params, "wall_s": wall,
-                                                      "models": models}, indent=1))
+                                                      "models": models, "curve": points}, indent=1))
 
 
 if __name__ == "__main__":
