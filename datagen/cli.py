@@ -31,7 +31,6 @@ def _plural(noun: str, n: int) -> str:
 def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     from datagen import report, run as runner
     from datagen.console import LiveProgress, summary_table, where_line
-    from datagen.storage import create_store, open_store
 
     out = Console()
     err = Console(stderr=True, quiet=quiet)  # progress: silenced by --quiet
@@ -42,19 +41,9 @@ def _run(job, job_path: Path | None, *, resume: bool, quiet: bool) -> int:
     gc.set_threshold(100_000, 10, 10)
     stream, fingerprint = runner.prepare(job)
     root = job.output.path
-    if resume:
-        store = open_store(root, job.output, for_writing=True)
-        try:
-            changed = runner.continue_run(job, stream, store)
-            if changed:  # the next plain `datagen resume` goes on with these settings
-                store.write_job_meta(runner.job_meta(job, stream.run_fingerprint, job_path))
-        except BaseException:
-            store.close()
-            raise
-        for line in changed:
-            warn.print(f"resuming with {line}", soft_wrap=True, highlight=False, markup=False)
-    else:
-        store = create_store(root, job.output, job_meta=runner.job_meta(job, fingerprint, job_path))
+    store, changed = runner.open_output(job, stream, fingerprint, resume=resume, job_path=job_path)
+    for line in changed:
+        warn.print(f"resuming with {line}", soft_wrap=True, highlight=False, markup=False)
     prompt_lines = _write_prompts_report(stream, store)
     gc.freeze()  # the plan, the seeds and the modules live as long as the run: out of the collector's way
     try:

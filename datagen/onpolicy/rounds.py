@@ -147,21 +147,13 @@ def sample_job(job: Any, teacher: Any, student: str, cfg: OnPolicyConfig, r: int
 def sample(job: Any, teacher: Any, student: str, cfg: OnPolicyConfig, r: int, dest: Path) -> Path:
     """Run (or resume) round ``r``'s sampling into ``dest``; raises RunInterrupted when stopped."""
     from datagen.route.infer import check_servable
-    from datagen.run import continue_run, execute, job_meta, prepare
-    from datagen.storage import create_store, open_store
+    from datagen.run import execute, open_output, prepare
 
     rjob = sample_job(job, teacher, student, cfg, r, dest)
     check_servable(student, rjob.teachers[0].engine.max_model_len)  # the engine the student gets
     stream, fingerprint = prepare(rjob)
-    if (dest / "manifest.json").exists():
-        store = open_store(dest, rjob.output, for_writing=True)
-        try:
-            continue_run(rjob, stream, store)  # a changed round (another student, another draw) is refused
-        except BaseException:
-            store.close()
-            raise
-    else:
-        store = create_store(dest, rjob.output, job_meta=job_meta(rjob, fingerprint, None))
+    # a changed round (another student, another draw) is refused by the resume check
+    store, _ = open_output(rjob, stream, fingerprint, resume=(dest / "manifest.json").exists())
     try:
         stats = execute(rjob, store, stream)
     finally:
@@ -225,25 +217,18 @@ def token_kl(model_path: str, rows: list[dict[str, Any]], *, divergence: str = "
     """Mean per-token KL between the model at ``model_path`` and the teacher whose top-k
     ``rows`` hold, over the rows' tokens: ``reverse`` KL(student || teacher)
     (``losses.reverse_kl_loss``) or ``forward`` KL(teacher || student) (``losses.kd_loss``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from datagen.train import data, student as st
-    from datagen.train.trainer import forward_losses
+    from datagen.train.evaluate import load_model, teacher_forced
 
-    tok = st.load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(st.resolve(model_path), dtype=torch.float32).to(device).eval()
+    model, tok = load_model(model_path, device)
     enc = data.Encoder(tok, fingerprint=st.fingerprint(tok), use_kd=True, seq_len=1 << 20)
     total = n = 0.0
     for row in rows:
         kd = data.read_kd(row)
         if kd is None or not kd.token_ids:
             continue
-        ex = enc(row)
-        batch = data.collate(list(data.pack(iter([ex]), seq_len=len(ex.input_ids), pad_id=0)),
-                             k=max(len(t) for t in kd.top_ids))
-        with torch.no_grad():
-            _, kl, _ = forward_losses(model, batch, device=device, divergence=divergence)
+        _, kl = teacher_forced(model, enc, row, k=max(len(t) for t in kd.top_ids), device=device,
+                               divergence=divergence)
         if kl is not None:
             total, n = total + kl.sum().item(), n + kl.numel()
     return total / n if n else float("nan")

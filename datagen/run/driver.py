@@ -300,11 +300,11 @@ class Driver:
 
     def route(self, stream: str, row: dict[str, Any], tokens: int) -> None:
         """The single commit path: every row lands here once, in the stream it belongs to."""
-        self.store.add(stream, row)
+        reason = self.store.add(stream, row)
         if self.dedup is not None and stream == "accepted":
             self.dedup.add(row["row_id"], row_text(row["messages"], row["response"], self.job.dedupe.on))
         self.stats.counts[stream] += 1
-        if (reason := records.reason(row, stream)) is not None:
+        if reason is not None:
             self.stats.reasons[(stream, reason)] += 1
         self.quota.landed(accepted=stream == "accepted", tokens=tokens)
 

@@ -114,6 +114,28 @@ def job_meta(job: Job, fingerprint: str, job_path: Path | None) -> dict[str, Any
     }
 
 
+def open_output(job: Job, stream: PromptStream, fingerprint: str, *, resume: bool,
+                job_path: Path | None = None) -> tuple[ShardStore, list[str]]:
+    """The store a run writes: a new one at ``job.output.path``, or (``resume``) the one
+    there, after ``continue_run`` accepted the job. A resume that changes operational
+    settings records the new job, so the next plain resume goes on with them. Returns the
+    store, open for writing (the caller closes it), and the changed settings' lines."""
+    from datagen.storage import create_store, open_store
+
+    root = job.output.path
+    if not resume:
+        return create_store(root, job.output, job_meta=job_meta(job, fingerprint, job_path)), []
+    store = open_store(root, job.output, for_writing=True)
+    try:
+        changed = continue_run(job, stream, store)
+        if changed:
+            store.write_job_meta(job_meta(job, stream.run_fingerprint, job_path))
+    except BaseException:
+        store.close()
+        raise
+    return store, changed
+
+
 def prepare(job: Job) -> tuple[PromptStream, str]:
     """Everything that can fail on bad input, done before Ray starts or a file is written.
     Returns the job's prompt stream and its run fingerprint, which the stream's rows carry."""

@@ -15,11 +15,13 @@ from datagen.storage.shards import ShardStore, is_url
 
 def open_store(root: Path | str, output: Any = None, *, for_writing: bool = False) -> ShardStore:
     """The store at ``root`` (its manifest must exist): to read, or to resume writing."""
-    cls = ObjectShardStore if is_url(root) else ShardStore
-    return cls.open(root, output, for_writing=for_writing)
+    if is_url(root):
+        return ObjectShardStore.open(root, output, for_writing=for_writing)
+    return ShardStore.open(Path(root), output, for_writing=for_writing)
 
 
 def create_store(root: Path | str, output: Any, *, job_meta: dict[str, Any]) -> ShardStore:
     """A new, empty store at ``root`` (refused if one is there)."""
-    cls = ObjectShardStore if is_url(root) else ShardStore
-    return cls.create(root, output, job_meta=job_meta)
+    if is_url(root):
+        return ObjectShardStore.create(root, output, job_meta=job_meta)
+    return ShardStore.create(Path(root), output, job_meta=job_meta)

@@ -222,18 +222,20 @@ class StreamWriter:
     def open_rows(self) -> int:
         return len(self._pending) + len(self._shard_rows)
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any]) -> str | None:
+        """Queue ``row``; returns the reason its manifest entry records (``records.reason``)."""
         self._check()
         if not self._shard_rows:
             self._opened_at = time.monotonic()  # the commit timer runs from a shard's first row
         self._pending.append(row)
-        self._shard_rows.append({"row_id": row["row_id"], "license": row.get("license"),
-                                 "reason": records.reason(row, self.stream)})
+        reason = records.reason(row, self.stream)
+        self._shard_rows.append({"row_id": row["row_id"], "license": row.get("license"), "reason": reason})
         cfg = self.store.output
         if len(self._pending) >= cfg.row_group_rows:
             self._flush_row_group()
         if len(self._shard_rows) >= cfg.shard_rows or self._bytes() >= cfg.shard_bytes:
             self.commit()
+        return reason
 
     def add_table(self, table: pa.Table) -> None:
         """Rows already in the record schema (a derived store copying committed rows):
@@ -461,8 +463,9 @@ class ShardStore:
         return removed
 
     # -- writing -------------------------------------------------------------------
-    def add(self, stream: str, row: dict[str, Any]) -> None:
-        self.writers[stream].add(row)
+    def add(self, stream: str, row: dict[str, Any]) -> str | None:
+        """Queue ``row`` in ``stream``; returns its reason (None for an accepted row)."""
+        return self.writers[stream].add(row)
 
     def add_table(self, stream: str, table: pa.Table) -> None:
         self.writers[stream].add_table(table)

@@ -74,24 +74,40 @@ def _generate(model: Any, tok: Any, messages: list[dict[str, str]], *, max_new_t
     return tok.decode(new, skip_special_tokens=True), finish
 
 
-def score_student(path: str, rows: list[dict[str, Any]], cfg: EvalConfig, device: str,
-                  passes: Any) -> dict[str, Any]:
+def load_model(path: str, device: str) -> tuple[Any, Any]:
+    """(model in eval mode, float32, on ``device``; its tokenizer) from a model folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tok = student.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(student.resolve(path), dtype=torch.float32).to(device).eval()
+    return model, tok
+
+
+def teacher_forced(model: Any, enc: data.Encoder, row: dict[str, Any], *, k: int, device: str,
+                   use_kd: bool = True, divergence: str = "forward") -> tuple[Any, Any]:
+    """One row's answer read by ``model``, teacher-forced: (per-token CE, per-position KL to
+    the row's top-``k``, or None). One row at a time, unpadded; not covered: batching."""
+    import torch
+
+    ex = enc(row)
+    batch = data.collate(list(data.pack(iter([ex]), seq_len=len(ex.input_ids), pad_id=0)), k=k)
+    with torch.no_grad():
+        ce, kl, _ = forward_losses(model, batch, device=device, use_kd=use_kd, divergence=divergence)
+    return ce, kl
+
+
+def score_student(path: str, rows: list[dict[str, Any]], cfg: EvalConfig, device: str,
+                  passes: Any) -> dict[str, Any]:
+    model, tok = load_model(path, device)
     fp = student.fingerprint(tok)
     kds = [data.read_kd(r) for r in rows]
     use_kd = all(kd is not None and kd.fingerprint == fp for kd in kds)
     enc = data.Encoder(tok, fingerprint=fp, use_kd=use_kd, seq_len=1 << 20)
     nll = n_tok = kl = n_kl = agree = passed = 0.0
     for row, row_kd in zip(rows, kds):
-        ex = enc(row)
         k = max((len(t) for t in row_kd.top_ids), default=1) if use_kd else 1
-        batch = data.collate(list(data.pack(iter([ex]), seq_len=len(ex.input_ids), pad_id=0)), k=k)
-        with torch.no_grad():
-            ce, kd, _ = forward_losses(model, batch, device=device, use_kd=use_kd)
+        ce, kd = teacher_forced(model, enc, row, k=k, device=device, use_kd=use_kd)
         nll, n_tok = nll + ce.sum().item(), n_tok + ce.numel()
         if kd is not None:
             kl, n_kl = kl + kd.sum().item(), n_kl + kd.numel()
