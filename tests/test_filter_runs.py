@@ -164,14 +164,19 @@ def test_validate_refuses_seeds_without_the_reference_a_filter_needs(tmp_path):
 
 def test_shipped_example_jobs_still_validate():
     from datagen import onpolicy
+    from datagen.validation import read_model
     from datagen.route import infer
+    from datagen.route.costs import CostModel
     from datagen.train.config import load_eval, load_train
 
     from .conftest import REPO
 
-    # examples/ also holds train, eval, routing and on-policy files: each by its own loader
+    def load_cost(path):
+        read_model(path, CostModel, what="cost file").check()
+
+    # examples/ also holds train, eval, routing, cost and on-policy files: each by its own loader
     other = [("*onpolicy*.yaml", onpolicy.load), ("*route*.yaml", infer.load), ("*train*.yaml", load_train),
-             ("eval.yaml", load_eval)]
+             ("eval.yaml", load_eval), ("*cost*.yaml", load_cost)]
     jobs = 0
     for path in sorted((REPO / "examples").glob("*.yaml")):
         loader = next((f for pattern, f in other if path.match(pattern)), None)
