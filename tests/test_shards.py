@@ -63,6 +63,22 @@ def test_manifest_counts_equal_shard_rows_and_checksums(tmp_path):
     assert sorted(committed_rows(tmp_path / "o")) == [f"id{i:06d}" for i in range(35)]
 
 
+def test_a_store_opens_from_a_str_path_and_add_returns_the_recorded_reason(tmp_path):
+    """``open_store``/``create_store`` take a str as well as a Path; ``add`` hands back the
+    reason the manifest counts, the one the driver's stats use (None for accepted rows)."""
+    from datagen.storage import create_store, open_store
+
+    store = create_store(str(tmp_path / "o"), output(), job_meta=META)
+    assert store.add("accepted", row(1)) is None
+    bad = [{"filter": "f", "keep": False, "reason": "x.bad", "score": None, "details": None}]
+    assert store.add("rejected", row(2, verdicts=bad)) == "x.bad"
+    store.commit_all()
+    store.close()
+    reopened = open_store(str(tmp_path / "o"))
+    assert reopened.manifest.counts() == {"accepted": 1, "rejected": 1, "failed": 0}
+    assert reopened.manifest.reasons("rejected") == {"x.bad": 1}
+
+
 def test_tables_and_rows_land_in_the_same_shards(tmp_path):
     """add_table (a derived store copying committed rows) rolls over and commits as add
     does: same shards, same manifest entries, rows in the order they were given."""
