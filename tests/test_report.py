@@ -197,6 +197,7 @@ def test_routing_section_from_a_route_report(tmp_path):
         for name, r in rep["routers"].items():
             assert float(figure(f"routing.apgr.{name}")) == pytest.approx(r["apgr"], abs=5e-4)
             assert float(figure(f"routing.auroc.{name}")) == pytest.approx(r["auroc"], abs=5e-4)
+            assert float(figure(f"routing.auroc_wrong.{name}")) == pytest.approx(r["auroc_wrong"], abs=5e-4)
         share = chosen["operating_point"]["test"]["teacher_share"]
         assert figure(f"routing.share.{rep['chosen']}") == f"{share['value']:.1%} [{share['low']:.1%}, {share['high']:.1%}]"
         assert figure("routing.student_share") == f"{1 - share['value']:.1%}"

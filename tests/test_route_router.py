@@ -156,6 +156,24 @@ def test_report_end_to_end_through_the_cli(tmp_path, capsys):
     assert main(["route", "check", str(tmp_path / "out" / "router.json"), str(traffic)]) in (0, 1)
 
 
+def test_auroc_for_worse_and_for_wrong_part_when_the_teacher_is_wrong_too():
+    """Hand-computed on the four test rows (score, q_student, q_teacher): the student is
+    wrong on the two lowest scores (AUROC wrong 1.0) but worse than the teacher only on
+    the one scoring 0.2, below two of the other three (AUROC worse 2/3)."""
+    test = [(0.1, 0.0, 0.0), (0.2, 0.0, 1.0), (0.8, 1.0, 0.0), (0.9, 1.0, 1.0)]
+    cal = [(0.1 * i, float(i > 4), 1.0) for i in range(10)]
+    rows = [{"id": f"{split}{i}", "split": split, "q_student": qs, "q_teacher": qt, "signals": {"mean_logprob": s},
+             "student": STUDENT.model_dump(), "teacher": TEACHER.model_dump()}
+            for split, part in (("calibration", cal), ("test", test)) for i, (s, qs, qt) in enumerate(part)]
+    rep, _ = report.build(rows, eval_sha256="x", resamples=10)
+    r = rep["routers"]["mean_logprob"]
+    assert rep["failures"] == {"worse": 1, "wrong": 2}
+    assert r["auroc_wrong"] == 1.0 and r["auroc"] == pytest.approx(2 / 3)
+    assert sum(b["rows"] * b["right_rate"] for b in r["reliability"]) == pytest.approx(2)
+    assert sum(b["rows"] * b["ok_rate"] for b in r["reliability"]) == pytest.approx(3)
+    assert "worse than the teacher on 1, wrong on 2" in report.tables(rep)[0].title
+
+
 def test_report_bad_input_lines():
     rows = eval_rows(8)
     rows[3]["student"] = {"name": "x", "model": "y"}

@@ -219,12 +219,14 @@ def routing(store: Any, path: Path | None = None, train: Path | None = None) -> 
             curve["cost"] = r["cost_curve"]
         op = r.get("operating_point") or {}
         routers[name] = {"apgr": r.get("apgr"), "cpt50": r.get("cpt50"), "cpt80": r.get("cpt80"),
-                         "auroc": r.get("auroc"), "curve": thin(curve), "threshold": op.get("threshold"),
-                         "calibration": op.get("calibration") or {}, "test": op.get("test") or {}}
+                         "auroc": r.get("auroc"), "auroc_wrong": r.get("auroc_wrong"), "curve": thin(curve),
+                         "threshold": op.get("threshold"), "calibration": op.get("calibration") or {},
+                         "test": op.get("test") or {}}
     base = rep["baselines"]
     eval_set = rep.get("eval_set") or {}
     return {
         "chosen": rep.get("chosen"), "rows": rep.get("rows") or {}, "tolerance": rep.get("tolerance"),
+        "failures": rep.get("failures") or {},
         "quality": rep.get("quality") or [], "student": rep.get("student"), "teacher": rep.get("teacher"),
         "all_student": base.get("all_student"), "all_teacher": base.get("all_teacher"),
         "random": {k: v for k, v in (base.get("random") or {}).items() if k != "curve"},

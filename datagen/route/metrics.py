@@ -246,10 +246,12 @@ def auroc(failed: Sequence[bool], score: Sequence[float]) -> Metric:
     return Metric(float(roc_auc_score(failed, -np.asarray(score, dtype=np.float64))))
 
 
-def reliability(ok: Sequence[bool], score: Sequence[float], bins: int = 10) -> list[dict[str, Any]]:
+def reliability(ok: Sequence[bool], score: Sequence[float], bins: int = 10,
+                right: Sequence[bool] | None = None) -> list[dict[str, Any]]:
     """Rows in score-quantile bins (equal scores share a bin): per bin the score range and
-    mean, and the share of rows where the student was fine. For a probability score (the
-    learned router) ``mean_score`` against ``ok_rate`` is its calibration."""
+    mean, the share of rows where the student was fine (``ok``) and, given ``right``, the
+    share it got right (``right_rate``). For a probability score (the learned router)
+    ``mean_score`` against ``ok_rate`` is its calibration."""
     ok, score = np.asarray(ok, dtype=bool), np.asarray(score, dtype=np.float64)
     edges = np.unique(np.quantile(score, np.linspace(0, 1, bins + 1)))
     which = np.clip(np.searchsorted(edges, score, side="right") - 1, 0, max(len(edges) - 2, 0))
@@ -257,5 +259,6 @@ def reliability(ok: Sequence[bool], score: Sequence[float], bins: int = 10) -> l
     for b in np.unique(which):
         m = which == b
         table.append({"rows": int(m.sum()), "score_min": float(score[m].min()), "score_max": float(score[m].max()),
-                      "mean_score": float(score[m].mean()), "ok_rate": float(ok[m].mean())})
+                      "mean_score": float(score[m].mean()), "ok_rate": float(ok[m].mean()),
+                      **({} if right is None else {"right_rate": float(np.asarray(right, dtype=bool)[m].mean())})})
     return table

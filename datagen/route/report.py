@@ -26,7 +26,15 @@ written to ``router.json`` is the one whose calibration operating point keeps th
 rows with the student (ties: the first in ``signals.SIGNALS`` order, then ``learned``).
 The slice table and the worst confident-but-wrong rows use every row, at that router's
 threshold. A slice is flagged when its routed quality is below the quality floor
-(default: all-teacher quality x (1 - tolerance)). "Wrong" means ``q_student < q_teacher``.
+(default: all-teacher quality x (1 - tolerance)).
+
+Two kinds of failure, both counted on the test split (``failures``): the student is
+**worse** than the teacher (``q_student < q_teacher``: what escalating could fix; the
+learned router, ``auroc``, the reliability table's ``ok_rate`` and the worst rows read
+this one) and the student is **wrong** (``q_student < 1``, not full credit: ``auroc_wrong``
+and ``right_rate``). They part when the teacher is often wrong too: then a score can rank
+the student's own mistakes well (``auroc_wrong``) and still not find the few rows where
+the teacher does better (``auroc``, over few failures).
 """
 
 from __future__ import annotations
@@ -129,7 +137,8 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
     c_s, c_t = costs.row_costs(rows, cost) if cost is not None else (None, None)
     cal, test = split(rows, calibration_fraction, seed)
     values = [r.get("signals") or signals.signals(r.get("answer") or {}) for r in rows]
-    ok = q_s >= q_t
+    ok = q_s >= q_t  # not worse than the teacher
+    right = q_s >= 1.0  # full credit
 
     scores: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
@@ -160,6 +169,7 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
         "rows": {"calibration": len(cal), "test": len(test)}, "tolerance": tolerance,
         "baselines": {"all_student": weak, "all_teacher": strong,
                       "random": metrics.summary(metrics.random_curve(ts, tt), weak, strong)},
+        "failures": {"worse": int((~ok[test]).sum()), "wrong": int((~right[test]).sum())},
         "routers": {}, "skipped": skipped,
         "quality": sorted({str(r["quality"]) for r in rows if r.get("quality")}),  # how q was scored
     }
@@ -188,7 +198,8 @@ def build(rows: Sequence[Mapping[str, Any]], *, eval_sha256: str, tolerance: flo
             "cost_curve": None if c_t is None else [float((c_s[test] + (s[test] < t) * c_t[test]).mean() * 1000)
                                                     for t in curve.threshold],
             "auroc": metrics.auroc(~ok[test], s[test]).to_json(),
-            "reliability": metrics.reliability(ok[test], s[test]),
+            "auroc_wrong": metrics.auroc(~right[test], s[test]).to_json(),
+            "reliability": metrics.reliability(ok[test], s[test], right=right[test]),
             "operating_point": {"threshold": op.threshold, "calibration": {"teacher_share": op.share,
                                 "quality": op.quality, "quality_loss": op.loss}, "test": expected.model_dump()},
         }
@@ -234,9 +245,12 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def tables(report: Mapping[str, Any]) -> list[Table]:
+    fails = report.get("failures") or {}
     t = Table(title=f"routing: {report['rows']['test']} test rows; all-student {report['baselines']['all_student']:.3f}, "
-                    f"all-teacher {report['baselines']['all_teacher']:.3f}", header_style="bold")
-    for col in ("router", "APGR", "CPT(50%)", "CPT(80%)", "AUROC", "teacher share", "quality loss", "cost saving"):
+                    f"all-teacher {report['baselines']['all_teacher']:.3f}; the student is worse than the teacher on "
+                    f"{fails.get('worse', '?')}, wrong on {fails.get('wrong', '?')}", header_style="bold")
+    for col in ("router", "APGR", "CPT(50%)", "CPT(80%)", "AUROC worse", "AUROC wrong", "teacher share",
+                "quality loss", "cost saving"):
         t.add_column(col, justify="left" if col == "router" else "right")
     named = {**{k: report["baselines"][k] for k in ("random", "oracle")}, **report["routers"]}
     for name, r in named.items():
@@ -247,7 +261,7 @@ def tables(report: Mapping[str, Any]) -> list[Table]:
             return f"{v['value']:.1%} [{v['low']:.1%}, {v['high']:.1%}]" if v else "-"
 
         t.add_row(name + (" *" if name == report.get("chosen") else ""), _fmt(r["apgr"]), _fmt(r["cpt50"], True),
-                  _fmt(r["cpt80"], True), _fmt(r.get("auroc")), ci("teacher_share"), ci("quality_loss"),
+                  _fmt(r["cpt80"], True), _fmt(r.get("auroc")), _fmt(r.get("auroc_wrong")), ci("teacher_share"), ci("quality_loss"),
                   ci("cost_saving"))
     s = Table(title=f"slices at {report['chosen']}'s threshold (floor {report['quality_floor']:.3f})",
               header_style="bold")
