@@ -43,7 +43,8 @@ teacher that is right where the verifier cannot see, the order may differ; the b
 measures it rather than assuming it. Per step (batch 2 x 1024 tokens, ~6 examples):
 5.5 s SFT, 5.6 s KD.
 
-Not covered: confidence intervals (one seed; the held-out size is printed), and students
+``--arms sft`` trains only the SFT student (another student size, ``--keep-every 6``, at
+the recipe that won). Not covered: confidence intervals (one seed; the held-out size is printed), and students
 of another tokenizer (KD and on-policy need the teacher's).
 """
 
@@ -63,6 +64,7 @@ sys.path.insert(0, str(REPO))
 
 TEACHER = "embedded:smollm2-135m-instruct"
 FIELDS = ["order_id", "product"]
+ARMS = ("sft", "kd", "kd+onpolicy")
 
 
 def heldout(data: Path, fraction: float, n: int) -> list[dict[str, Any]]:
@@ -187,7 +189,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--curve-every", type=int, default=None,
                     help="score the sft and kd students every N steps too (the learning curve; default: the end)")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help=f"the students trained, of {', '.join(ARMS)} (kd+onpolicy needs kd); the teacher and the "
+                         "untrained student are always scored")
     args = ap.parse_args()
+    arms = [a for a in ARMS if a in args.arms.split(",")]
+    if set(args.arms.split(",")) - set(ARMS) or not arms or ("kd+onpolicy" in arms and "kd" not in arms):
+        raise SystemExit(f"--arms: a comma-separated subset of {', '.join(ARMS)}, with kd when kd+onpolicy "
+                         f"(got {args.arms!r})")
 
     import ray
 
@@ -213,12 +222,14 @@ def main() -> None:
 
     base_steps = args.steps - args.rounds * args.round_steps
     every = args.curve_every or args.steps
-    if base_steps % every:
+    if "kd+onpolicy" in arms and base_steps % every:
         raise SystemExit(f"--steps - --rounds * --round-steps ({base_steps}) must be a multiple of --curve-every "
                          f"({every}): the on-policy rounds start from that KD checkpoint")
     curve: dict[str, dict[int, str]] = {}
     per_step: dict[str, float] = {}
     for label, kd_weight in (("sft", 0.0), ("kd", 1.0)):
+        if label not in arms:
+            continue
         t0 = time.perf_counter()
         res = train_run(label, str(init_dir), args.data, args.out, steps=args.steps, kd_weight=kd_weight, args=args,
                         every=every)
@@ -230,21 +241,23 @@ def main() -> None:
 
     # kd+onpolicy = the kd run up to base_steps (its checkpoint), then the rounds: the same
     # trajectory, so the rounds' effect is the only difference at equal steps.
-    t0 = time.perf_counter()
-    rounds = onpolicy_run(curve["kd"][base_steps], args.out, args)
-    base_s = per_step["kd"] * base_steps
-    models["kd+onpolicy"] = {"path": rounds[-1]["next_student"], "seconds": base_s + time.perf_counter() - t0,
-                             "steps": base_steps + sum(r["train_steps"] for r in rounds),
-                             "tokens": int(models["kd"]["tokens"] * base_steps / max(args.steps, 1))
-                             + sum(r["train_tokens"] for r in rounds),
-                             "rounds": rounds}
-    print(f"kd+onpolicy: {base_steps} KD steps + {args.rounds} x {args.round_steps} on-policy steps in "
-          f"{models['kd+onpolicy']['seconds']:.0f} s", flush=True)
+    rounds: list[dict[str, Any]] = []
+    if "kd+onpolicy" in arms:
+        t0 = time.perf_counter()
+        rounds = onpolicy_run(curve["kd"][base_steps], args.out, args)
+        base_s = per_step["kd"] * base_steps
+        models["kd+onpolicy"] = {"path": rounds[-1]["next_student"], "seconds": base_s + time.perf_counter() - t0,
+                                 "steps": base_steps + sum(r["train_steps"] for r in rounds),
+                                 "tokens": int(models["kd"]["tokens"] * base_steps / max(args.steps, 1))
+                                 + sum(r["train_tokens"] for r in rounds),
+                                 "rounds": rounds}
+        print(f"kd+onpolicy: {base_steps} KD steps + {args.rounds} x {args.round_steps} on-policy steps in "
+              f"{models['kd+onpolicy']['seconds']:.0f} s", flush=True)
     models["teacher"] = {"path": str(embedded.materialize(TEACHER)), "seconds": 0.0}
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     texts: dict[str, dict[str, str]] = {}
-    for label in ("teacher", "untrained", "sft", "kd", "kd+onpolicy"):
+    for label in ("teacher", "untrained", *arms):
         texts[label], models[label]["answer_s"] = answers(models[label]["path"], rows, args.max_tokens)
     points: dict[str, dict[int, dict[str, Any]]] = {}  # the learning curve: field_acc by step
     for label, at in curve.items():
@@ -297,7 +310,7 @@ def main() -> None:
         lc.add_row(str(step), *(f"{f(points[lb][step]['field_acc'])} ({f(points[lb][step]['gap_closure'], 2)})"
                                 if step in points[lb] else "-" for lb in points))
     c = Console(width=140)
-    for table in (t, lc, s, r):
+    for table in (t, lc, s, *([r] if rounds else [])):
         c.print(table)
     wall = time.perf_counter() - t_all
     c.print(f"wall time {wall:.0f} s")
