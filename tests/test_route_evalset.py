@@ -267,8 +267,7 @@ def test_a_traffic_file_without_teacher_answers_needs_a_teacher(tmp_path):
         "teacher": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}}))
     from datagen.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="teacher: only for a traffic file"):
-        infer.load(tmp_path / "e.yaml")
+    assert infer.load(tmp_path / "e.yaml").teacher.name == "t"  # a datagen output: answered again
     (tmp_path / "e.yaml").write_text(yaml.safe_dump({
         "data": {"traffic": "bare.jsonl"}, "output": "e.jsonl", "student": {"path": "s"},
         "teacher": {"name": "t", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
@@ -318,3 +317,33 @@ def test_the_eval_files_teacher_answers_rows_without_one(tmp_path, fake_server):
     assert {json.dumps(r["teacher"], sort_keys=True) for r in out} == {
         json.dumps({"model": "fake-model", "name": "fake", "revision": None}, sort_keys=True)}
     assert by_id["a"]["teacher_completion_tokens"] and by_id["a"]["teacher_response"].startswith('{"order_id": "22222"')
+
+
+def test_the_eval_files_teacher_answers_a_datagen_outputs_held_out_prompts_again(tmp_path, fake_server):
+    """The run's answers (one right, one wrong, one failed) are replaced by the eval
+    file's teacher's: every held-out prompt is asked again, the failure no longer counts."""
+    import yaml
+
+    from datagen.route import infer
+
+    held, train = _split(12)
+    wrong = '{"order_id": "1", "product": "x"}'
+    rows = {"accepted": [_row(_text(i)) for i in held[:1] + train],
+            "rejected": [_row(_text(held[1]), response=wrong)],
+            "failed": [_row(_text(i), response=None) for i in held[2:]]}
+    root = _store(tmp_path, rows, {**JOB, "filters": ["nonempty", "not_truncated"]})
+    _tiny_student(tmp_path / "student")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "data": {"path": str(root), "holdout_fraction": FRACTION}, "output": "eval.jsonl", "num_cpus": 2,
+        "student": {"path": "student", "backend": "hf", "max_tokens": 4, "logprobs": 3},
+        "teacher": {"name": "fake", "backend": "openai", "model": "fake-model", "base_url": fake_server.base_url,
+                    "batch_size": 2, "timeout_s": 5, "sampling": {"temperature": 0.0, "max_tokens": 32}}}))
+    out, summary = infer.build(infer.load(tmp_path / "eval.yaml"))
+    assert len(held) >= 3 and fake_server.requests == len(held) == len(out)
+    assert summary["teacher_run"] == {"teacher": {"name": "fake", "model": "fake-model", "revision": None},
+                                      "answered": len(held), "failed": 0, "seconds": summary["teacher_run"]["seconds"]}
+    assert summary["counts"].get("teacher_failed", 0) == 0 and summary["counts"]["rows"] == len(held)
+    # the fake teacher extracts each prompt's order number: every held-out prompt, once
+    assert sorted(json.loads(r["teacher_response"])["order_id"] for r in out) == sorted(str(10000 + i) for i in held)
+    assert all(r["stream"] == "eval_teacher" and r["q_teacher"] == 1.0 and r["teacher"]["name"] == "fake"
+               for r in out)

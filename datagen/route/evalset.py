@@ -194,7 +194,9 @@ def teacher_answer(item: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def from_output(path: str | Path, *, holdout_fraction: float, max_rows: int | None = None,
-                screen: Screen | None = None) -> EvalSet:
+                screen: Screen | None = None, answered_again: bool = False) -> EvalSet:
+    """``answered_again``: another teacher will answer every prompt (``route/infer.py``),
+    so a prompt the run's teacher failed on is kept and not counted."""
     from datagen.prompts.clean import NearDuplicates, compared_text
     from datagen.config import PromptDedupe
     from datagen.storage import open_store
@@ -232,7 +234,7 @@ def from_output(path: str | Path, *, holdout_fraction: float, max_rows: int | No
     items = []
     for pid in ids:
         stream, row = picked[pid]
-        if stream == "failed":
+        if stream == "failed" and not answered_again:
             counts["teacher_failed"] += 1
             if quality.chain is None:
                 counts["no_teacher_answer"] += 1

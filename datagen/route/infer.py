@@ -18,9 +18,11 @@ Each prompt gets the routed answer (temperature 0) and, with ``samples: n``, n m
 inference wall time (after the engine is up) over the eval rows, the same on every row:
 what one answer cost this student on this hardware, samples included.
 
-A traffic file without teacher answers: the eval file's ``teacher:`` (a job's teacher
-entry, ``vllm`` or ``openai``) answers the rows that lack one, through the same fleet
-(``teacher_answers``), before the student runs; each in a Ray instance of its own, so
+The eval file's ``teacher:`` (a job's teacher entry, ``vllm`` or ``openai``) answers,
+through the same fleet (``teacher_answers``), before the student runs: for a traffic
+file, the rows without a teacher answer; for a datagen output, every held-out prompt
+again, replacing the run's answers -- the teacher at the settings it would serve with
+(greedy, say) rather than the run's sampling. Each runs in a Ray instance of its own, so
 two engines never share a 2-core machine.
 
 Each eval row: ``id``, ``q_student``, ``q_teacher``, ``quality`` (the method,
@@ -93,17 +95,15 @@ class Source(Strict):
 class RouteEval(Strict):
     data: Source
     student: StudentSpec
-    teacher: Teacher | None = Field(None, description="traffic: the teacher (a job's teacher entry, vllm or "
-                                    "openai) that answers the rows without a teacher_response")
+    teacher: Teacher | None = Field(None, description="the teacher (a job's teacher entry, vllm or openai) that "
+                                    "answers the traffic rows without a teacher_response, or every held-out prompt "
+                                    "of a datagen output again (its serving settings instead of the run's)")
     max_rows: int = Field(200, ge=1)
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
     output: Path = Field(description="the eval table (JSONL) for `datagen route report`")
 
     @model_validator(mode="after")
-    def _teacher_for_traffic(self) -> RouteEval:
-        if self.teacher is not None and self.data.traffic is None:
-            raise ValueError("teacher: only for a traffic file (a datagen output's held-out prompts keep the "
-                             "teacher's own answers, failed ones included)")
+    def _teacher_online(self) -> RouteEval:
         if getattr(self.teacher, "in_batches", False):  # answered by provider batch jobs, not fleet actors
             raise ValueError("teacher: mode batch is not served through the teacher fleet; use mode: online")
         return self
@@ -256,10 +256,10 @@ def build(cfg: RouteEval) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     src = cfg.data
     es = (evalset.from_output(src.path, holdout_fraction=src.holdout_fraction, max_rows=cfg.max_rows,
-                              screen=src.screen) if src.path is not None
+                              screen=src.screen, answered_again=cfg.teacher is not None) if src.path is not None
           else evalset.from_file(src.traffic, max_rows=cfg.max_rows, teacher=src.teacher,
                                  answers=cfg.teacher is not None, id_fields=src.id_fields))
-    teacher_run = teacher_answers(cfg, es) if cfg.teacher is not None else None
+    teacher_run = teacher_answers(cfg, es, again=src.path is not None) if cfg.teacher is not None else None
     items, spec = es.items, cfg.student
     max_tokens = spec.max_tokens or max(((it.get("sampling") or {}).get("max_tokens") or 0 for it in items),
                                         default=0) or 256
@@ -303,15 +303,19 @@ def build(cfg: RouteEval) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, summary
 
 
-def teacher_answers(cfg: RouteEval, es: evalset.EvalSet) -> dict[str, Any]:
-    """The eval file's teacher answers the traffic rows that have no teacher answer,
-    through the same fleet as the student (its own sampling, one answer per prompt).
-    Every row then carries that teacher's identity: the file's answers are taken as its
-    own. A teacher that fails on a row: the row scores 0 for the teacher against
-    references, and is dropped (counted: ``no_teacher_answer``) when the teacher is the
-    gold. Returns what ran (for ``OUTPUT.meta.json``)."""
+def teacher_answers(cfg: RouteEval, es: evalset.EvalSet, *, again: bool = False) -> dict[str, Any]:
+    """The eval file's teacher answers the rows that have no teacher answer (every row,
+    ``again``: a datagen output's held-out prompts, the run's answers replaced), through
+    the same fleet as the student (its own sampling, one answer per prompt). Every row
+    then carries that teacher's identity: a traffic file's answers are taken as its own.
+    A teacher that fails on a row: the row scores 0 for the teacher against references,
+    and is dropped (counted: ``no_teacher_answer``) when the teacher is the gold. Returns
+    what ran (for ``OUTPUT.meta.json``)."""
     t = cfg.teacher
-    todo = [it for it in es.items if it["teacher_response"] is None]
+    todo = list(es.items) if again else [it for it in es.items if it["teacher_response"] is None]
+    if again:  # the run's answers are replaced (``stream``: whose answer)
+        for it in todo:
+            it["stream"] = "eval_teacher"
     info: dict[str, Any] = {}
     seconds = 0.0
     if todo:
@@ -321,6 +325,7 @@ def teacher_answers(cfg: RouteEval, es: evalset.EvalSet) -> dict[str, Any]:
             g = gens[f"{it['id']}/teacher"]
             if g.get("error"):
                 es.counts["teacher_failed"] += 1
+                it.update(teacher_response=None, teacher_finish=None, teacher_completion_tokens=None)
                 continue
             it.update(teacher_response=g["text"], teacher_finish=g["finish_reason"],
                       prompt_tokens=g.get("prompt_tokens"), teacher_completion_tokens=g.get("completion_tokens"),
