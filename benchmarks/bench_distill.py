@@ -47,7 +47,9 @@ measures it rather than assuming it. Per step (batch 2 x 1024 tokens, ~6 example
 With ``--keep-every 6 --arms sft`` and the flags above (49.6M params; 51 min, the cores
 shared with a CI run): field_acc 0.721 (exact 0.50, gap closure 1.42; teacher 0.507 in
 that run: vLLM's greedy answers on CPU vary a little with batching), curve 0.06 / 0.31 /
-0.48 / 0.66 / 0.72 at steps 80..400. Not covered: confidence intervals (one seed; the held-out size is printed), and students
+0.48 / 0.66 / 0.72 at steps 80..400.
+
+Not covered: confidence intervals (one seed; the held-out size is printed), and students
 of another tokenizer (KD and on-policy need the teacher's).
 """
 

@@ -167,8 +167,13 @@ def test_routing_section_from_a_route_report(tmp_path):
     store.close()
     rows = eval_rows(80)
     rows[0]["axes"] = {"topic": '<b>"hard"</b>'}  # a user string: escaped
+    for r in rows[1::3]:  # the teacher wrong too on some of the student's mistakes: the two AUROCs part
+        if r["q_student"] == 0.0:
+            r["q_teacher"] = 0.0
     rep, _ = route_report.build(rows, eval_sha256="x", resamples=200, cost=costs.CostModel(
         teacher_basis="gpu", teacher_usd_per_gpu_hour=3.6, student_usd_per_hour=3.6))
+    assert 0 < rep["failures"]["worse"] < rep["failures"]["wrong"]
+    assert any(abs(r["auroc"] - r["auroc_wrong"]) > 0.01 for r in rep["routers"].values())
     (root / "route").mkdir()
     (root / "route" / "report.json").write_text(json.dumps(rep))
     dest = tmp_path / "r.html"
@@ -198,6 +203,8 @@ def test_routing_section_from_a_route_report(tmp_path):
             assert float(figure(f"routing.apgr.{name}")) == pytest.approx(r["apgr"], abs=5e-4)
             assert float(figure(f"routing.auroc.{name}")) == pytest.approx(r["auroc"], abs=5e-4)
             assert float(figure(f"routing.auroc_wrong.{name}")) == pytest.approx(r["auroc_wrong"], abs=5e-4)
+        assert [int(figure(f"routing.failures.{k}")) for k in ("worse", "wrong")] == [
+            rep["failures"]["worse"], rep["failures"]["wrong"]]
         share = chosen["operating_point"]["test"]["teacher_share"]
         assert figure(f"routing.share.{rep['chosen']}") == f"{share['value']:.1%} [{share['low']:.1%}, {share['high']:.1%}]"
         assert figure("routing.student_share") == f"{1 - share['value']:.1%}"

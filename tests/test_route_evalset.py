@@ -320,8 +320,10 @@ def test_the_eval_files_teacher_answers_rows_without_one(tmp_path, fake_server):
 
 
 def test_the_eval_files_teacher_answers_a_datagen_outputs_held_out_prompts_again(tmp_path, fake_server):
-    """The run's answers (one right, one wrong, one failed) are replaced by the eval
-    file's teacher's: every held-out prompt is asked again, the failure no longer counts."""
+    """The run's answers (one right, one wrong, the rest failed) are replaced by the eval
+    file's teacher's: every held-out prompt is asked again, the run's failures are kept
+    and counted apart; the one the eval teacher fails on (a 400) keeps nothing of the
+    run's answer and scores 0 under the job's format verifier."""
     import yaml
 
     from datagen.route import infer
@@ -331,19 +333,27 @@ def test_the_eval_files_teacher_answers_a_datagen_outputs_held_out_prompts_again
     rows = {"accepted": [_row(_text(i)) for i in held[:1] + train],
             "rejected": [_row(_text(held[1]), response=wrong)],
             "failed": [_row(_text(i), response=None) for i in held[2:]]}
-    root = _store(tmp_path, rows, {**JOB, "filters": ["nonempty", "not_truncated"]})
+    root = _store(tmp_path, rows)
     _tiny_student(tmp_path / "student")
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
         "data": {"path": str(root), "holdout_fraction": FRACTION}, "output": "eval.jsonl", "num_cpus": 2,
         "student": {"path": "student", "backend": "hf", "max_tokens": 4, "logprobs": 3},
         "teacher": {"name": "fake", "backend": "openai", "model": "fake-model", "base_url": fake_server.base_url,
                     "batch_size": 2, "timeout_s": 5, "sampling": {"temperature": 0.0, "max_tokens": 32}}}))
+    fake_server.inject("400", match=str(10000 + held[0]))
     out, summary = infer.build(infer.load(tmp_path / "eval.yaml"))
     assert len(held) >= 3 and fake_server.requests == len(held) == len(out)
     assert summary["teacher_run"] == {"teacher": {"name": "fake", "model": "fake-model", "revision": None},
-                                      "answered": len(held), "failed": 0, "seconds": summary["teacher_run"]["seconds"]}
-    assert summary["counts"].get("teacher_failed", 0) == 0 and summary["counts"]["rows"] == len(held)
-    # the fake teacher extracts each prompt's order number: every held-out prompt, once
-    assert sorted(json.loads(r["teacher_response"])["order_id"] for r in out) == sorted(str(10000 + i) for i in held)
+                                      "answered": len(held) - 1, "failed": 1,
+                                      "seconds": summary["teacher_run"]["seconds"]}
+    counts = summary["counts"]
+    assert counts["run_teacher_failed"] == len(held) - 2 and counts["teacher_failed"] == 1
+    assert counts["rows"] == len(held) and summary["quality"].startswith("verifier:")
+    failed = next(r for r in out if r["teacher_response"] is None)
+    assert failed["q_teacher"] == 0.0 and failed["prompt_tokens"] is failed["teacher_completion_tokens"] is None
+    answered = [r for r in out if r is not failed]
+    # the fake teacher extracts each prompt's order number: every other held-out prompt, once
+    assert sorted(json.loads(r["teacher_response"])["order_id"] for r in answered) == sorted(
+        str(10000 + i) for i in held[1:])
     assert all(r["stream"] == "eval_teacher" and r["q_teacher"] == 1.0 and r["teacher"]["name"] == "fake"
-               for r in out)
+               and r["teacher_completion_tokens"] != 9 for r in answered)  # 9: the run's count

@@ -196,7 +196,7 @@ def teacher_answer(item: dict[str, Any]) -> dict[str, Any] | None:
 def from_output(path: str | Path, *, holdout_fraction: float, max_rows: int | None = None,
                 screen: Screen | None = None, answered_again: bool = False) -> EvalSet:
     """``answered_again``: another teacher will answer every prompt (``route/infer.py``),
-    so a prompt the run's teacher failed on is kept and not counted."""
+    so a prompt the run's teacher failed on is kept (counted: ``run_teacher_failed``)."""
     from datagen.prompts.clean import NearDuplicates, compared_text
     from datagen.config import PromptDedupe
     from datagen.storage import open_store
@@ -234,7 +234,9 @@ def from_output(path: str | Path, *, holdout_fraction: float, max_rows: int | No
     items = []
     for pid in ids:
         stream, row = picked[pid]
-        if stream == "failed" and not answered_again:
+        if stream == "failed" and answered_again:
+            counts["run_teacher_failed"] += 1  # answered again; kept
+        elif stream == "failed":
             counts["teacher_failed"] += 1
             if quality.chain is None:
                 counts["no_teacher_answer"] += 1

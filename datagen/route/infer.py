@@ -313,9 +313,10 @@ def teacher_answers(cfg: RouteEval, es: evalset.EvalSet, *, again: bool = False)
     what ran (for ``OUTPUT.meta.json``)."""
     t = cfg.teacher
     todo = list(es.items) if again else [it for it in es.items if it["teacher_response"] is None]
-    if again:  # the run's answers are replaced (``stream``: whose answer)
+    if again:  # nothing of the run's answers stays (``stream``: whose answer)
         for it in todo:
-            it["stream"] = "eval_teacher"
+            it.update(stream="eval_teacher", teacher_response=None, teacher_finish=None, prompt_tokens=None,
+                      teacher_completion_tokens=None, sampling=t.sampling.model_dump(mode="json"))
     info: dict[str, Any] = {}
     seconds = 0.0
     if todo:
@@ -325,7 +326,6 @@ def teacher_answers(cfg: RouteEval, es: evalset.EvalSet, *, again: bool = False)
             g = gens[f"{it['id']}/teacher"]
             if g.get("error"):
                 es.counts["teacher_failed"] += 1
-                it.update(teacher_response=None, teacher_finish=None, teacher_completion_tokens=None)
                 continue
             it.update(teacher_response=g["text"], teacher_finish=g["finish_reason"],
                       prompt_tokens=g.get("prompt_tokens"), teacher_completion_tokens=g.get("completion_tokens"),
@@ -338,8 +338,9 @@ def teacher_answers(cfg: RouteEval, es: evalset.EvalSet, *, again: bool = False)
         es.counts["no_teacher_answer"] += len(es.items) - len(kept)
         es.items[:] = kept
         if not kept:
-            raise DatagenError(f"teacher {t.name!r} answered none of the {len(todo)} rows without a teacher "
-                               "answer, and with no references the teacher is the gold: nothing to score")
+            raise DatagenError(f"teacher {t.name!r} answered none of the {len(todo)} "
+                               f"{'held-out prompts' if again else 'rows without a teacher answer'}, and with no "
+                               "references the teacher is the gold: nothing to score")
     es.counts["rows"] = len(es.items)
     return {"teacher": ident, "answered": len(todo) - es.counts["teacher_failed"], "failed": es.counts["teacher_failed"],
             "seconds": seconds}
